@@ -1,0 +1,121 @@
+"""The GPT of karpathy/nanoGPT in Flax: learned positions, pre-LayerNorm blocks, GELU MLP,
+optional biases, dropout, and an LM head tied to the token embedding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    """Context length in tokens."""
+    dropout: float = 0.0
+    bias: bool = False
+    """Biases in Linear and LayerNorm layers (GPT-2 has them; a little better and faster without)."""
+
+    def validate(self) -> None:
+        from mllm_jax.config import ConfigError
+
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: expected a float in [0, 1), got {self.dropout}")
+
+
+class CausalSelfAttention(nn.Module):
+    cfg: GPTConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        cfg = self.cfg
+        B, T, C = x.shape
+        head_dim = C // cfg.n_head
+        dense = lambda n, std, name: nn.Dense(  # noqa: E731
+            n, use_bias=cfg.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.normal(std), name=name,
+        )
+        qkv = dense(3 * C, 0.02, "c_attn")(x).reshape(B, T, 3, cfg.n_head, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+        att = jax.nn.softmax(jnp.where(causal, att, -jnp.inf).astype(jnp.float32), axis=-1).astype(self.dtype)
+        att = nn.Dropout(cfg.dropout)(att, deterministic=not train)
+        y = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(B, T, C)
+        # Residual projections are scaled down with depth, as in GPT-2.
+        y = dense(C, 0.02 / math.sqrt(2 * cfg.n_layer), "c_proj")(y)
+        return nn.Dropout(cfg.dropout)(y, deterministic=not train)
+
+
+class MLP(nn.Module):
+    cfg: GPTConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        cfg = self.cfg
+        x = nn.Dense(4 * cfg.n_embd, use_bias=cfg.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=nn.initializers.normal(0.02), name="c_fc")(x)
+        x = nn.gelu(x, approximate=False)  # torch.nn.GELU's exact erf form, as in nanoGPT
+        x = nn.Dense(cfg.n_embd, use_bias=cfg.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=nn.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer)), name="c_proj")(x)
+        return nn.Dropout(cfg.dropout)(x, deterministic=not train)
+
+
+class Block(nn.Module):
+    cfg: GPTConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, use_bias=self.cfg.bias, dtype=self.dtype,  # noqa: E731
+                                       param_dtype=self.param_dtype, name=name)
+        x = x + CausalSelfAttention(self.cfg, self.dtype, self.param_dtype, name="attn")(ln("ln_1")(x), train)
+        x = x + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(ln("ln_2")(x), train)
+        return x
+
+
+class GPT(nn.Module):
+    cfg: GPTConfig
+    vocab_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, idx: jax.Array, train: bool = False) -> jax.Array:
+        """Token ids (B, T) -> next-token logits (B, T, vocab), always float32."""
+        cfg = self.cfg
+        wte = nn.Embed(self.vocab_size, cfg.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
+                       embedding_init=nn.initializers.normal(0.02), name="wte")
+        wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
+                       embedding_init=nn.initializers.normal(0.02), name="wpe")
+        x = wte(idx) + wpe(jnp.arange(idx.shape[1]))
+        x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
+        for i in range(cfg.n_layer):
+            x = Block(cfg, self.dtype, self.param_dtype, name=f"h_{i}")(x, train)
+        x = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="ln_f")(x)
+        return wte.attend(x).astype(jnp.float32)  # weight tying: the head is wte transposed
+
+
+def num_params(params: dict, non_embedding: bool = True) -> int:
+    """Parameter count; without position embeddings by default, as nanoGPT reports it."""
+    n = sum(p.size for p in jax.tree.leaves(params))
+    return n - params["wpe"]["embedding"].size if non_embedding else n
+
+
+def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
+    """Training FLOPs per token (PaLM appendix B, as nanoGPT's estimate_mfu)."""
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size

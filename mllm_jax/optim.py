@@ -1,0 +1,27 @@
+"""Optimizer and learning-rate schedule, built from optax parts."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def warmup_cosine(learning_rate: float, min_lr: float, warmup_steps: int, decay_steps: int) -> optax.Schedule:
+    """nanoGPT's schedule: lr*(s+1)/(warmup+1) while warming up, cosine to min_lr at
+    `decay_steps`, then min_lr. (optax's warmup starting at lr/(warmup+1) is the same line.)"""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=learning_rate / (warmup_steps + 1),
+        peak_value=learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=max(decay_steps, warmup_steps + 1),
+        end_value=min_lr,
+    )
+
+
+def adamw(schedule: optax.Schedule, b1: float, b2: float, weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay on matrices and embeddings only (ndim >= 2), after
+    clipping the global gradient norm (0 = no clipping)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(*parts)

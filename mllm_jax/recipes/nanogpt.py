@@ -1,0 +1,152 @@
+"""nanoGPT on character-level text: karpathy/nanoGPT's shakespeare_char, in JAX.
+
+Wires the char data, the GPT model, AdamW with warmup + cosine, held-out eval and text
+sampling into the shared train loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mllm_jax import optim, runtime
+from mllm_jax.config import ConfigError
+from mllm_jax.data.char import CharDataConfig, CharDataset
+from mllm_jax.models.gpt import GPT, GPTConfig, flops_per_token, num_params
+from mllm_jax.runtime import JaxConfig
+from mllm_jax.tracking import Console, WandbConfig
+from mllm_jax.trainer import TrainConfig
+
+
+@dataclass
+class SampleConfig:
+    max_new_tokens: int = 200
+    """Characters to generate after training (0 = no sample)."""
+    prompt: str = "\n"
+    temperature: float = 0.8
+    top_k: int | None = 200
+    """Sample only among the k most likely characters; None = all."""
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0 or self.temperature <= 0 or (self.top_k is not None and self.top_k < 1):
+            raise ConfigError("sample: expected max_new_tokens >= 0, temperature > 0 and top_k >= 1 or null")
+
+
+@dataclass
+class Config:
+    output_dir: str | None = None
+    """Run directory; None = runs/nanogpt-<UTC time>-<short sha>."""
+    seed: int = 1337
+    data: CharDataConfig = field(default_factory=CharDataConfig)
+    model: GPTConfig = field(default_factory=GPTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    jax: JaxConfig = field(default_factory=JaxConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+class NanoGPTTask:
+    """The trainer's Task for nanoGPT: parameters replicated, batch split over (dp, fsdp)."""
+
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
+        self.cfg, self.mesh = cfg, mesh
+        self.data = CharDataset(cfg.data.path, cfg.model.block_size)
+        self.model = GPT(cfg.model, self.data.vocab_size, dtype=jnp.dtype(cfg.jax.compute_dtype),
+                         param_dtype=jnp.dtype(cfg.jax.param_dtype))
+        t = cfg.train
+        self.schedule = optim.warmup_cosine(t.learning_rate, t.min_lr, t.warmup_steps, t.lr_decay_steps or t.max_steps)
+        self.tx = optim.adamw(self.schedule, t.beta1, t.beta2, t.weight_decay, t.grad_clip)
+        self.rows = runtime.process_rows(t.global_batch_size)
+        self.tokens_per_step = t.global_batch_size * cfg.model.block_size
+        replicated = runtime.replicated(mesh)
+        init_key, self.dropout_key = jax.random.split(jax.random.key(cfg.seed))
+
+        def init(key: jax.Array) -> dict[str, Any]:
+            dummy = jnp.zeros((1, cfg.model.block_size), jnp.int32)
+            params = self.model.init(key, dummy)["params"]
+            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+
+        self.state = jax.jit(init, out_shardings=replicated)(init_key)
+        self.flops_per_token = flops_per_token(cfg.model, num_params(self.state["params"]))
+        self._train_step = jax.jit(self._update, donate_argnums=0, out_shardings=replicated)
+        self._eval_loss = jax.jit(self._loss, static_argnames="train", out_shardings=replicated)
+        # The same held-out batches at every evaluation: comparable numbers, no training RNG used.
+        self.eval_batches = [self._batch("val", i) for i in range(t.eval_iters)]
+
+    def _batch(self, split: str, index: int) -> dict[str, jax.Array]:
+        b = self.cfg.train.global_batch_size
+        return runtime.to_global(self.data.batch(split, self.cfg.seed, index, b, self.rows), self.mesh, b)
+
+    def _loss(self, params: Any, batch: dict[str, jax.Array], train: bool = False,
+              dropout_key: jax.Array | None = None) -> jax.Array:
+        rngs = {"dropout": dropout_key} if train else {}
+        logits = self.model.apply({"params": params}, batch["x"], train=train, rngs=rngs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    def _update(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        key = jax.random.fold_in(self.dropout_key, state["step"])
+        loss, grads = jax.value_and_grad(self._loss)(state["params"], batch, True, key)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                     "opt_state": opt_state}
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    def train_step(self, state: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        return self._train_step(state, self._batch("train", step))
+
+    def learning_rate(self, step: int) -> float:
+        return float(self.schedule(step))
+
+    def evaluate(self, state: dict[str, Any]) -> dict[str, float]:
+        losses = [self._eval_loss(state["params"], batch) for batch in self.eval_batches]
+        return {"eval/loss": float(np.mean(jax.device_get(losses)))}
+
+    def finish(self, state: dict[str, Any], console: Console) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_params": num_params(state["params"]), "vocab_size": self.data.vocab_size}
+        s = self.cfg.sample
+        if s.max_new_tokens:
+            prompt = self.data.encode(s.prompt) or [0]
+            ids = generate(self.model, state["params"], prompt, s.max_new_tokens, s.temperature, s.top_k,
+                           self.cfg.seed + 1, runtime.replicated(self.mesh))
+            out["sample"] = self.data.decode(ids)
+            console.print("sample:\n" + s.prompt + out["sample"])
+        return out
+
+
+def generate(model: GPT, params: Any, prompt: list[int], max_new_tokens: int, temperature: float,
+             top_k: int | None, seed: int, sharding: jax.sharding.Sharding) -> list[int]:
+    """Sample `max_new_tokens` continuations of `prompt`, cropping the context to block_size as
+    nanoGPT does. Causal attention lets one fixed-size window serve every length: the logits
+    are read at the last real position, and padding after it cannot leak backwards."""
+    block = model.cfg.block_size
+    total = len(prompt) + max_new_tokens
+    buf = np.zeros(max(total, block), np.int32)
+    buf[: len(prompt)] = prompt
+
+    @jax.jit
+    def run(params: Any, buf: jax.Array, key: jax.Array) -> jax.Array:
+        def body(n: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            buf, key = carry
+            start = jnp.maximum(n - block, 0)
+            window = jax.lax.dynamic_slice(buf, (start,), (block,))
+            logits = model.apply({"params": params}, window[None])[0, n - 1 - start] / temperature
+            if top_k is not None and top_k < logits.shape[-1]:
+                kth = jax.lax.top_k(logits, top_k)[0][-1]
+                logits = jnp.where(logits < kth, -jnp.inf, logits)
+            key, sub = jax.random.split(key)
+            return buf.at[n].set(jax.random.categorical(sub, logits).astype(jnp.int32)), key
+
+        return jax.lax.fori_loop(len(prompt), total, body, (buf, jax.random.wrap_key_data(key)))[0]
+
+    # Every process runs the same sampling (the params span all of them); inputs are replicated.
+    out = run(params, jax.device_put(buf, sharding), jax.device_put(jax.random.key_data(jax.random.key(seed)), sharding))
+    return [int(i) for i in jax.device_get(out)[len(prompt): total]]
+
+
+def build(cfg: Config, mesh: jax.sharding.Mesh) -> NanoGPTTask:
+    return NanoGPTTask(cfg, mesh)

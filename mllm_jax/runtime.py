@@ -1,0 +1,191 @@
+"""Devices, processes and the mesh: everything about *where* the computation runs.
+
+One process per host (TPU VM worker). The launcher tells each process who it is through
+environment variables (docs/contracts.md); JAX's own multi-controller runtime does the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mllm_jax.config import ConfigError
+
+MESH_AXES = ("dp", "fsdp", "tp")
+# The axes a batch is split over: every data-parallel replica gets its own rows.
+BATCH_AXES = ("dp", "fsdp")
+
+ENV_COORDINATOR = "MLLM_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "MLLM_NUM_PROCESSES"
+ENV_PROCESS_ID = "MLLM_PROCESS_ID"
+
+
+@dataclass
+class JaxConfig:
+    mesh_shape: str = "auto"
+    """Device mesh over (dp, fsdp, tp): "auto" (all devices data-parallel), "1,-1,1" or
+    "dp:1,fsdp:-1,tp:1"; -1 takes the remaining devices."""
+    compute_dtype: str = "float32"
+    """Activations and matmuls: float32 or bfloat16."""
+    param_dtype: str = "float32"
+    """Stored parameters and optimizer state: float32 or bfloat16."""
+
+    def validate(self) -> None:
+        for key in ("compute_dtype", "param_dtype"):
+            if getattr(self, key) not in ("float32", "bfloat16"):
+                raise ConfigError(f"jax.{key}: expected float32 or bfloat16, got {getattr(self, key)!r}")
+        parse_mesh_shape(self.mesh_shape)
+
+
+def init_distributed() -> None:
+    """Join the other processes of this run, if the launcher started several.
+
+    Reads MLLM_COORDINATOR_ADDRESS (host:port of process 0), MLLM_NUM_PROCESSES and
+    MLLM_PROCESS_ID. Unset means a single process. On CPU the gloo collectives are used,
+    so that several CPU processes can stand in for the hosts of a TPU slice.
+    """
+    coordinator = os.environ.get(ENV_COORDINATOR)
+    if not coordinator:
+        return
+    try:
+        num_processes = int(os.environ[ENV_NUM_PROCESSES])
+        process_id = int(os.environ[ENV_PROCESS_ID])
+    except (KeyError, ValueError):
+        raise ConfigError(
+            f"{ENV_COORDINATOR} is set, so {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} must be integers"
+        ) from None
+    if not 0 <= process_id < num_processes:
+        raise ConfigError(f"{ENV_PROCESS_ID}={process_id} is outside 0..{num_processes - 1}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def parse_mesh_shape(spec: str) -> dict[str, int]:
+    """Parse a mesh spec into axis sizes (-1 = the rest); see JaxConfig.mesh_shape."""
+    if spec == "auto":
+        return {"dp": -1, "fsdp": 1, "tp": 1}
+    parts = [p.strip() for p in spec.split(",")]
+    error = ConfigError(
+        f"jax.mesh_shape: expected 'auto', '1,-1,1' or 'dp:1,fsdp:-1,tp:1', got {spec!r}"
+    )
+    if len(parts) != len(MESH_AXES):
+        raise error
+    sizes: dict[str, int] = {}
+    for axis, part in zip(MESH_AXES, parts):
+        m = re.fullmatch(r"(?:(\w+):)?(-?\d+)", part)
+        if not m or (m.group(1) and m.group(1) != axis):
+            raise error
+        sizes[axis] = int(m.group(2))
+    if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
+        raise error
+    return sizes
+
+
+def make_mesh(spec: str) -> Mesh:
+    """A (dp, fsdp, tp) mesh over all devices of all processes."""
+    sizes = parse_mesh_shape(spec)
+    n = jax.device_count()
+    known = int(np.prod([v for v in sizes.values() if v != -1]))
+    if -1 in sizes.values():
+        if n % known:
+            raise ConfigError(f"jax.mesh_shape {spec!r} does not fit {n} devices")
+        sizes = {k: (n // known if v == -1 else v) for k, v in sizes.items()}
+    if int(np.prod(list(sizes.values()))) != n:
+        raise ConfigError(
+            f"jax.mesh_shape {spec!r} needs {int(np.prod(list(sizes.values())))} devices, found {n}"
+        )
+    # Auto axes: shardings are placed on inputs/outputs and XLA propagates the rest.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=auto)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over the data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def process_rows(global_batch_size: int) -> slice:
+    """The rows of the global batch that this process feeds (its devices hold exactly these)."""
+    per_process = global_batch_size // jax.process_count()
+    start = jax.process_index() * per_process
+    return slice(start, start + per_process)
+
+
+def to_global(local: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size,) + v.shape[1:])
+        for k, v in local.items()
+    }
+
+
+def check_batch(global_batch_size: int, mesh: Mesh, key: str = "train.global_batch_size") -> None:
+    dp = data_parallel_size(mesh)
+    if global_batch_size % dp:
+        raise ConfigError(
+            f"{key}={global_batch_size} is not divisible by the data-parallel size {dp} "
+            f"(mesh {dict(mesh.shape)})"
+        )
+
+
+def utc_stamp() -> str:
+    """One UTC timestamp for the run, agreed by every process (process 0 decides)."""
+    now = np.int64(time.time())
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        now = multihost_utils.broadcast_one_to_all(now)
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(int(now)))
+
+
+# Dense bf16 peak FLOP/s per chip, for MFU. CPUs have no datasheet number: we measure one.
+_PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def peak_flops_per_second() -> float:
+    """Peak FLOP/s of all devices of this run (datasheet for accelerators, measured for CPU)."""
+    kind = jax.devices()[0].device_kind
+    if kind in _PEAK_FLOPS:
+        return _PEAK_FLOPS[kind] * jax.device_count()
+    if jax.default_backend() == "cpu":
+        # Virtual CPU devices share the host's cores: the host's matmul rate is the ceiling.
+        return measure_matmul_flops() * jax.process_count()
+    return float("nan")
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Best f32 matmul FLOP/s of one device of this host (the CPU "peak")."""
+    x = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), jax.local_devices()[0])
+    mm = jax.jit(lambda a: a @ a)
+    mm(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mm(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best

@@ -1,0 +1,80 @@
+"""`train RECIPE`: load the config, join the other processes, build the mesh, run the loop.
+
+Both `python -m mllm_jax train` (on a VM) and the laptop's `mllm train` end up in `train()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+from mllm_jax import config as config_lib
+from mllm_jax.config import ConfigError
+from mllm_jax.recipes import RECIPES
+
+
+def train(recipe: str, config: str | None = None, overrides: list[str] = (), resume: bool = False,
+          print_config: bool = False, env_file: str | None = None) -> int:
+    """Run one recipe; returns the process exit code (0 done, 128+signal if stopped).
+    Raises ConfigError for bad input, before any compute where it can be known then."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
+    if env_file is not None and not Path(env_file).is_file():
+        raise ConfigError(f"--env-file: file not found: {env_file}")
+    module = importlib.import_module(RECIPES[recipe])
+    cfg = config_lib.load_config(module.Config, config, list(overrides))
+    if print_config:
+        print(config_lib.to_yaml(cfg), end="")
+        return 0
+    env_path = env_file or (".env" if Path(".env").is_file() else None)
+    if env_path:
+        from mllm_jax.envfile import load_env_file
+
+        keys = load_env_file(env_path)
+        print(f"loaded {len(keys)} variable(s) from {env_path}: {', '.join(keys) or '-'}", flush=True)
+
+    from mllm_jax import runtime, trainer  # JAX is imported from here on
+    from mllm_jax.tracking import check_wandb_credentials
+
+    check_wandb_credentials(cfg.wandb)
+    runtime.init_distributed()
+    mesh = runtime.make_mesh(cfg.jax.mesh_shape)
+    runtime.check_batch(cfg.train.global_batch_size, mesh)
+    run_dir = trainer.resolve_run_dir(recipe, cfg.output_dir, resume)
+    cfg.output_dir = str(run_dir)
+    info = trainer.RunInfo(recipe=recipe, run_dir=run_dir, config=cfg, config_path=config, mesh=mesh, resume=resume)
+    result = trainer.run(info, lambda: module.build(cfg, mesh))
+    if result["status"] == "stopped":
+        return 128 + signal.SIGTERM
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mllm_jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a recipe")
+    p.add_argument("recipe", help=f"one of: {', '.join(RECIPES)}")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. train.max_steps=100 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--env-file", help="KEY=VALUE file to load (default: ./.env if present)")
+    args = parser.parse_args(argv)
+    return run_cli(lambda: train(args.recipe, args.config, args.overrides, args.resume, args.print_config,
+                                 args.env_file))
+
+
+def run_cli(fn: Callable[[], int]) -> int:
+    """Bad input becomes one line on stderr and exit code 2, with no traceback."""
+    try:
+        return fn()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,270 @@
+"""The train loop every recipe shares: run dir, resume, steps, logging, eval, checkpoints, summary.
+
+A recipe supplies a `Task` (its state, its jitted step, its batches and its eval); the loop
+knows nothing about models or data. Step numbers count optimizer updates: the state at step
+s has seen batches 0..s-1, and metrics logged at step s describe the update that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import jax
+import numpy as np
+
+from mllm_jax import config as config_lib
+from mllm_jax import runtime, summary
+from mllm_jax.checkpoint import Checkpointer
+from mllm_jax.config import ConfigError
+from mllm_jax.tracking import Console, Tracker, format_eta
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    """Optimizer updates to run in total (a resumed run continues up to this)."""
+    global_batch_size: int = 12
+    """Sequences per update, over all devices and processes."""
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    """The cosine schedule ends here."""
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None
+    """Step at which the cosine reaches min_lr; None = max_steps."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping."""
+    log_every: int = 10
+    eval_every: int = 250
+    """Evaluate every N steps (and always at the end); 0 = only at the end."""
+    eval_iters: int = 20
+    """Batches per evaluation (the same held-out batches every time)."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        for key in ("max_steps", "global_batch_size", "log_every", "eval_iters", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: expected a positive integer, got {getattr(self, key)}")
+        for key in ("warmup_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}: expected an integer >= 0, got {getattr(self, key)}")
+
+
+class Task(Protocol):
+    """What a recipe hands to the loop."""
+
+    state: Any
+    """The train state (a pytree of sharded arrays); `state["step"]` counts updates."""
+
+    def train_step(self, state: Any, step: int) -> tuple[Any, dict[str, jax.Array]]:
+        """One update on training batch number `step`: new state and scalar metrics."""
+
+    def evaluate(self, state: Any) -> dict[str, float]:
+        """Held-out metrics, e.g. {"eval/loss": ...}; must not touch the training data stream."""
+
+    def learning_rate(self, step: int) -> float: ...
+
+    tokens_per_step: int
+    flops_per_token: float
+
+    def finish(self, state: Any, console: Console) -> dict[str, Any]:
+        """Last words of the recipe (e.g. a text sample); returned dict goes into the summary."""
+
+
+@dataclass
+class RunInfo:
+    recipe: str
+    run_dir: Path
+    config: Any
+    config_path: str | None
+    mesh: jax.sharding.Mesh
+    resume: bool
+
+
+def resolve_run_dir(recipe: str, output_dir: str | None, resume: bool) -> Path:
+    """The run dir: `output_dir` if given; with --resume the newest runs/<recipe>-*; else a new
+    runs/<recipe>-<UTC time>-<short sha>."""
+    if output_dir:
+        return Path(output_dir)
+    if resume:
+        candidates = sorted(p for p in Path("runs").glob(f"{recipe}-*") if (p / "checkpoints").is_dir())
+        if not candidates:
+            raise ConfigError(f"--resume: no runs/{recipe}-*/checkpoints found; pass --set output_dir=RUN_DIR")
+        return candidates[-1]
+    sha = (summary.git_info()["commit"] or "nogit")[:7]
+    return Path("runs") / f"{recipe}-{runtime.utc_stamp()}-{sha}"
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT so the loop can checkpoint and leave cleanly (spot preemption,
+    `mllm stop`)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def any_process(self) -> bool:
+        """Whether any process was asked to stop (all must agree: saving is collective)."""
+        if jax.process_count() == 1:
+            return self.signal is not None
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
+        return bool(np.any(flags))
+
+
+def run(info: RunInfo, make_task: Callable[[], Task]) -> dict[str, Any]:
+    """Train `make_task()` as configured in `info`; returns the run summary (also written to
+    <run dir>/run_summary.json by process 0, on success and on failure)."""
+    cfg, run_dir = info.config, info.run_dir
+    main = jax.process_index() == 0
+    started = time.time()
+    result: dict[str, Any] = {
+        "status": "running",
+        "recipe": info.recipe,
+        "run_dir": str(run_dir.absolute()),
+        "config_path": info.config_path,
+        "config_hash": config_lib.config_hash(cfg),
+        "git": summary.git_info(),
+        "versions": summary.versions(),
+        **summary.hardware(info.mesh),
+        "started_at": _iso(started),
+    }
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config_resolved.yaml").write_text(config_lib.to_yaml(cfg))
+        _point_latest(run_dir)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+    resume_step = checkpointer.latest_step() if info.resume else None
+    if info.resume and resume_step is None:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    tracker = Tracker(run_dir, cfg.wandb, config_lib.to_dict(cfg), active=main, resume_step=resume_step)
+    console = Console(cfg.train.max_steps, resume_step or 0, active=main)
+    stop = _StopFlag()
+    try:
+        task = make_task()
+        state = task.state
+        if resume_step is not None:
+            state = checkpointer.restore(resume_step, state)
+            console.print(f"resumed from step {resume_step} ({run_dir / 'checkpoints'})")
+        result["status"] = _loop(task, state, cfg.train, tracker, console, checkpointer, stop, result)
+    except BaseException as e:  # the summary must say why a run died, whatever killed it
+        result["status"] = "failed"
+        result["error"] = f"{type(e).__name__}: {e}"
+        if not isinstance(e, (ConfigError, KeyboardInterrupt)):
+            result["traceback"] = traceback.format_exc(limit=20)
+        raise
+    finally:
+        console.close()
+        checkpointer.close()
+        eval_losses = tracker.values("eval/loss")
+        result.update(
+            eval_losses=[{"step": s, "loss": v} for s, v in eval_losses],
+            best_eval_loss=(dict(zip(("step", "loss"), min(eval_losses, key=lambda e: e[1])))
+                            if eval_losses else None),
+            checkpoint_dir=str((run_dir / "checkpoints").absolute()),
+            latest_checkpoint_step=checkpointer.latest_step(),
+            wandb=tracker.wandb_summary(),
+            finished_at=_iso(time.time()),
+            wall_time_sec=round(time.time() - started, 3),
+        )
+        tracker.finish(exit_code=0 if result["status"] == "completed" else 1)
+        if main:
+            (run_dir / "run_summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _loop(task: Task, state: Any, cfg: TrainConfig, tracker: Tracker, console: Console,
+          checkpointer: Checkpointer, stop: _StopFlag, result: dict[str, Any]) -> str:
+    step = int(jax.device_get(state["step"]))
+    first_step = step
+    peak = runtime.peak_flops_per_second()
+    timed_steps, timed_seconds = 0, 0.0
+    t_mark, step_mark = time.perf_counter(), step
+    metrics: dict[str, jax.Array] = {}
+    last_eval_step = None
+    status = "completed"
+
+    while step < cfg.max_steps:
+        state, metrics = task.train_step(state, step)
+        step += 1
+        if step == first_step + 1:
+            jax.block_until_ready(metrics)  # the first step compiles: keep it out of the timings
+            t_mark, step_mark = time.perf_counter(), step
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            values = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+            values["train/lr"] = task.learning_rate(step - 1)
+            now = time.perf_counter()
+            if step > step_mark:
+                dt = (now - t_mark) / (step - step_mark)
+                timed_steps += step - step_mark
+                timed_seconds += now - t_mark
+                values["perf/step_time_sec"] = dt
+                values["perf/tokens_per_sec"] = task.tokens_per_step / dt
+                values["perf/mfu"] = task.flops_per_token * task.tokens_per_step / dt / peak
+            t_mark, step_mark = now, step
+            tracker.log(step, values)
+            console.print(_log_line(step, cfg.max_steps, values, timed_seconds / max(timed_steps, 1)))
+            if stop.any_process():
+                status = "stopped"
+        console.advance(step)
+        if status == "stopped" or (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+            if status != "stopped":
+                evals = task.evaluate(state)
+                tracker.log(step, evals)
+                console.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+                last_eval_step = step
+            t_mark, step_mark = time.perf_counter(), step
+        checkpointer.maybe_save(step, state, force=step == cfg.max_steps or status == "stopped")
+        if status == "stopped":
+            console.print(f"stop requested (signal {stop.signal}): checkpoint saved at step {step}")
+            break
+
+    if metrics:
+        result["final_train_loss"] = float(jax.device_get(metrics["loss"]))
+    result["final_step"] = step
+    result["last_eval_step"] = last_eval_step
+    if timed_steps:
+        result["tokens_per_sec"] = task.tokens_per_step * timed_steps / timed_seconds
+        result["step_time_sec"] = timed_seconds / timed_steps
+        result["mfu"] = task.flops_per_token * result["tokens_per_sec"] / peak
+    if status == "completed":
+        result.update(task.finish(state, console))
+    return status
+
+
+def _log_line(step: int, total: int, v: dict[str, float], sec_per_step: float) -> str:
+    parts = [f"step {step}/{total}", f"loss {v['train/loss']:.4f}", f"lr {v['train/lr']:.2e}"]
+    if "perf/tokens_per_sec" in v:
+        parts += [f"{v['perf/tokens_per_sec']:,.0f} tok/s", f"{1000 * v['perf/step_time_sec']:.1f} ms/step",
+                  f"mfu {100 * v['perf/mfu']:.2f}%"]
+    if sec_per_step:
+        parts.append(f"eta {format_eta((total - step) * sec_per_step)}")
+    return " | ".join(parts)
+
+
+def _point_latest(run_dir: Path) -> None:
+    """<parent>/latest -> the newest run dir, for humans and for `mllm` commands."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest-{run_dir.name}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name)
+    tmp.replace(link)
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

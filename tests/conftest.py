@@ -1,0 +1,56 @@
+"""Shared test helpers: run the real trainer CLI in subprocesses, on the shared data."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+SMOKE = REPO / "configs" / "nanogpt" / "cpu_smoke.yaml"
+
+
+def trainer_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """A clean environment for a trainer process with `devices` virtual CPU devices."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLLM_", "WANDB_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    env.update(extra)
+    return env
+
+
+def trainer_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mllm_jax", "train", "nanogpt", *args]
+
+
+def run_trainer(*args: str, cwd: Path, devices: int = 1, env: dict[str, str] | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(trainer_cmd(*args), cwd=cwd, env=env or trainer_env(devices), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path, name: str = "train/loss") -> dict[int, float]:
+    return {e["step"]: e[name] for e in read_metrics(run_dir) if name in e}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    assert SHAKESPEARE.is_file(), f"shared data missing: {SHAKESPEARE}"
+    return str(SHAKESPEARE)

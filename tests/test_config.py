@@ -1,0 +1,95 @@
+"""Config loading: typed values, overrides, `base:` files, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, SMOKE, run_trainer
+from mllm_jax.config import ConfigError, load_config, to_yaml
+from mllm_jax.recipes.nanogpt import Config
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    cfg_file = write(tmp_path / "c.yaml", "train:\n  learning_rate: 3e-4\n  max_steps: 7\nwandb:\n  tags: [a]\n")
+    text = write(tmp_path / "my text.txt", "hello")
+    cfg = load_config(Config, cfg_file, ["model.n_layer=3", "train.min_lr=1e-5", f"data.path={text}",
+                                         "sample.top_k=null", "model.bias=true"])
+    assert cfg.train.learning_rate == 3e-4 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.min_lr == 1e-5 and cfg.train.max_steps == 7 and cfg.model.n_layer == 3
+    assert cfg.data.path == str(text) and cfg.sample.top_k is None and cfg.model.bias is True
+    assert cfg.wandb.tags == ["a"]
+    # Defaults fill what the file leaves out.
+    assert cfg.model.n_embd == Config().model.n_embd
+
+
+@pytest.mark.parametrize(
+    "text, override, message",
+    [
+        ("train:\n  max_step: 5\n", [], "unknown config key train.max_step; did you mean train.max_steps?"),
+        ("trian:\n  max_steps: 5\n", [], "unknown config key trian; did you mean train?"),
+        ("", ["train.max_steps=abc"], "train.max_steps: expected int, got 'abc'"),
+        ("train:\n  learning_rate: fast\n", [], "train.learning_rate: expected float, got 'fast'"),
+        ("model:\n  bias: 1\n", [], "model.bias: expected bool, got 1"),
+        ("wandb:\n  mode: sometimes\n", [], "wandb.mode: expected one of online, offline, disabled, got 'sometimes'"),
+        ("", ["jax.mesh_shape=2,2"], "jax.mesh_shape: expected 'auto', '1,-1,1' or 'dp:1,fsdp:-1,tp:1'"),
+        ("", ["model.n_head=3"], "model.n_embd=128 must be divisible by model.n_head=3"),
+        ("", ["train.max_steps"], "--set 'train.max_steps': expected KEY=VALUE"),
+        ("model: 3\n", [], "model: expected a mapping"),
+    ],
+)
+def test_bad_config_is_one_clear_error(tmp_path, text, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, write(tmp_path / "c.yaml", text), override)
+    assert message in str(e.value)
+
+
+def test_base_file_is_merged_under_the_child(tmp_path):
+    write(tmp_path / "base.yaml", "train:\n  max_steps: 100\n  eval_every: 10\nmodel:\n  n_layer: 6\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\ntrain:\n  max_steps: 50\n")
+    cfg = load_config(Config, child)
+    assert (cfg.train.max_steps, cfg.train.eval_every, cfg.model.n_layer) == (50, 10, 6)
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs" / "nanogpt").glob("*.yaml")):
+        load_config(Config, path)
+    regression = load_config(Config, REPO / "configs" / "nanogpt" / "v6e8_regression_1500.yaml")
+    assert regression.train.max_steps == 1500 and regression.train.lr_decay_steps == 5000
+    assert regression.wandb.mode == "online" and regression.wandb.project == "nano-gpt-jax"
+
+
+def test_print_config_prints_resolved_yaml_and_exits(tmp_path):
+    out = run_trainer("--config", str(SMOKE), "--set", "train.max_steps=3", "--print-config", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)
+    assert printed["train"]["max_steps"] == 3 and printed["model"]["n_layer"] == 2
+    assert out.stdout == to_yaml(load_config(Config, SMOKE, ["train.max_steps=3"]))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, devices, message",
+    [
+        (["--set", "train.max_stepz=3"], 1, "error: unknown config key train.max_stepz; did you mean train.max_steps?"),
+        (["--set", "data.path=/no/such/file.txt"], 1, "error: data.path: file not found: /no/such/file.txt"),
+        (["--set", "train.global_batch_size=12"], 8,
+         "error: train.global_batch_size=12 is not divisible by the data-parallel size 8"),
+        (["--set", "jax.mesh_shape=dp:3,fsdp:1,tp:1"], 8, "error: jax.mesh_shape 'dp:3,fsdp:1,tp:1' needs 3 devices, found 8"),
+        (["--env-file", "missing.env"], 1, "error: --env-file: file not found: missing.env"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, shakespeare, args, devices, message):
+    out = run_trainer("--config", str(SMOKE), "--set", f"data.path={shakespeare}", *args, cwd=tmp_path,
+                      devices=devices)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [message + out.stderr.strip()[len(message):]]
+    assert out.stderr.startswith(message) and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists(), "nothing is created for bad input"

@@ -1,0 +1,114 @@
+"""End-to-end runs of the real trainer CLI: summary, resume after a stop, W&B, .env."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SMOKE, losses, read_metrics, run_trainer, trainer_cmd, trainer_env
+
+SUMMARY_KEYS = {
+    "status", "recipe", "run_dir", "config_path", "config_hash", "git", "versions", "backend", "device_kind",
+    "device_count", "local_device_count", "process_count", "mesh", "final_step", "final_train_loss",
+    "eval_losses", "best_eval_loss", "tokens_per_sec", "step_time_sec", "mfu", "wall_time_sec",
+    "checkpoint_dir", "latest_checkpoint_step", "wandb", "started_at", "finished_at",
+}
+
+
+def test_smoke_run_writes_summary_metrics_and_checkpoints(tmp_path, shakespeare):
+    out = run_trainer("--config", str(SMOKE), "--set", f"data.path={shakespeare}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run_dir = (tmp_path / "runs" / "latest").resolve()
+    assert run_dir.name.startswith("nanogpt-") and run_dir.parent == tmp_path / "runs"
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys(), SUMMARY_KEYS - summary.keys()
+    assert summary["status"] == "completed" and summary["final_step"] == 40
+    assert set(summary["versions"]) >= {"python", "jax", "jaxlib", "flax", "optax", "wandb"}
+    assert all(summary["versions"][k] for k in ("python", "jax", "jaxlib", "flax", "optax", "wandb"))
+    assert summary["backend"] == "cpu" and summary["process_count"] == 1
+    assert summary["mesh"] == {"dp": 1, "fsdp": 1, "tp": 1}
+    assert [e["step"] for e in summary["eval_losses"]] == [20, 40]
+    assert summary["best_eval_loss"]["loss"] == min(e["loss"] for e in summary["eval_losses"])
+    assert summary["eval_losses"][-1]["loss"] < 4.17, "below the uniform-guess loss ln(65)"
+    assert summary["tokens_per_sec"] > 0 and 0 < summary["mfu"] < 1
+    assert summary["latest_checkpoint_step"] == 40 and (run_dir / "checkpoints" / "40").is_dir()
+    assert summary["wandb"] == {"mode": "disabled"} and summary["config_path"] == str(SMOKE)
+    assert len(summary["sample"]) == 64
+    # metrics.jsonl: one event per log step, with the documented names.
+    train_events = [e for e in read_metrics(run_dir) if "train/loss" in e]
+    assert [e["step"] for e in train_events] == [10, 20, 30, 40]
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "perf/step_time_sec",
+            "perf/mfu"} <= train_events[-1].keys()
+    assert (run_dir / "config_resolved.yaml").read_text().count("max_steps: 40") == 1
+    # The console: one line per log step, and the eval results.
+    assert "step 40/40 | loss" in out.stdout and "eval step 40: eval/loss" in out.stdout
+
+
+def test_stop_then_resume_matches_uninterrupted_run(tmp_path, shakespeare):
+    common = ["--config", str(SMOKE), "--set", f"data.path={shakespeare}", "--set", "train.max_steps=30",
+              "--set", "train.log_every=1", "--set", "train.eval_every=10", "--set", "train.checkpoint_every=10",
+              "--set", "model.dropout=0.1", "--set", "sample.max_new_tokens=0"]
+    full = run_trainer(*common, "--set", f"output_dir={tmp_path / 'full'}", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+
+    # Interrupt a second run with SIGTERM (as `mllm stop` and spot preemption do) mid-way.
+    part_dir = tmp_path / "part"
+    proc = subprocess.Popen(trainer_cmd(*common, "--set", f"output_dir={part_dir}"), cwd=tmp_path,
+                            env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (part_dir / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    while time.time() < deadline and max(losses(part_dir), default=0) < 12:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    stopped = json.loads((part_dir / "run_summary.json").read_text())
+    assert stopped["status"] == "stopped" and 12 <= stopped["final_step"] < 30
+    assert stopped["latest_checkpoint_step"] == stopped["final_step"]
+
+    resumed = run_trainer(*common, "--set", f"output_dir={part_dir}", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from step {stopped['final_step']}" in resumed.stdout
+    assert losses(part_dir) == losses(tmp_path / "full"), "resumed losses must equal the uninterrupted run's"
+    assert losses(part_dir, "eval/loss") == losses(tmp_path / "full", "eval/loss")
+    summary = json.loads((part_dir / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and [e["step"] for e in summary["eval_losses"]] == [10, 20, 30]
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, shakespeare):
+    out = run_trainer("--config", str(SMOKE), "--set", f"data.path={shakespeare}", "--resume", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --resume: no runs/nanogpt-*/checkpoints found; pass --set output_dir=RUN_DIR"
+
+
+def test_wandb_offline_run_and_env_file(tmp_path, shakespeare):
+    secret = "wandb-secret-value-0123456789"
+    (tmp_path / ".env").write_text(f"export WANDB_API_KEY='{secret}'\r\nMLLM_TEST_FLAG=on\r\n")
+    out = run_trainer("--config", str(SMOKE), "--set", f"data.path={shakespeare}", "--set", "wandb.mode=offline",
+                      "--set", "wandb.project=mllm-tests", "--set", "train.max_steps=20", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "loaded 2 variable(s) from .env: WANDB_API_KEY, MLLM_TEST_FLAG" in out.stdout
+    run_dir = (tmp_path / "runs" / "latest").resolve()
+    summary_text = (run_dir / "run_summary.json").read_text()
+    summary = json.loads(summary_text)
+    wandb_dir = Path(summary["wandb"]["dir"])
+    assert summary["wandb"]["mode"] == "offline" and wandb_dir.is_dir() and wandb_dir.is_relative_to(run_dir)
+    assert summary["wandb"]["sync_command"] == f"wandb sync {wandb_dir}"
+    assert list(wandb_dir.glob("*.wandb")), "the offline run holds its W&B log"
+    for text in (out.stdout, out.stderr, summary_text, (run_dir / "config_resolved.yaml").read_text()):
+        assert secret not in text
+
+
+def test_wandb_online_without_credentials_fails_before_compute(tmp_path, shakespeare):
+    env = trainer_env(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))
+    out = run_trainer("--config", str(SMOKE), "--set", f"data.path={shakespeare}", "--set", "wandb.mode=online",
+                      cwd=tmp_path, env=env)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: wandb.mode is online but no W&B credentials were found")
+    assert not (tmp_path / "runs").exists()
