@@ -112,3 +112,31 @@ def test_wandb_online_without_credentials_fails_before_compute(tmp_path, shakesp
     assert out.returncode == 2
     assert out.stderr.startswith("error: wandb.mode is online but no W&B credentials were found")
     assert not (tmp_path / "runs").exists()
+
+
+def test_terminal_gets_a_progress_bar_and_bf16_trains(tmp_path, shakespeare):
+    """On a terminal (a real pty) rich draws a progress bar; bf16 compute trains to a finite loss."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        trainer_cmd("--config", str(SMOKE), "--set", f"data.path={shakespeare}", "--set", "train.max_steps=20",
+                    "--set", "jax.compute_dtype=bfloat16", "--set", "sample.max_new_tokens=0"),
+        cwd=tmp_path, env=trainer_env(TERM="xterm", COLUMNS="100"), stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "━" in screen and "20/20" in screen, screen[-2000:]
+    assert "step 20/20 | loss" in screen
+    summary = json.loads(((tmp_path / "runs" / "latest") / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and 0 < summary["final_train_loss"] < 4.2
