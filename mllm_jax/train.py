@@ -41,6 +41,7 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
     from mllm_jax.tracking import check_wandb_credentials
 
     check_wandb_credentials(cfg.wandb)
+    runtime.tune_host_allocator()
     runtime.init_distributed()
     mesh = runtime.make_mesh(cfg.jax.mesh_shape)
     runtime.check_batch(cfg.train.global_batch_size, mesh)

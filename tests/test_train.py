@@ -140,3 +140,15 @@ def test_terminal_gets_a_progress_bar_and_bf16_trains(tmp_path, shakespeare):
     assert "step 20/20 | loss" in screen
     summary = json.loads(((tmp_path / "runs" / "latest") / "run_summary.json").read_text())
     assert summary["status"] == "completed" and 0 < summary["final_train_loss"] < 4.2
+
+
+def test_failed_run_still_writes_summary_with_the_error(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be: that is the question.\n")  # far shorter than a block
+    out = run_trainer("--config", str(SMOKE), "--set", f"data.path={short}", "--set", "output_dir=failed",
+                      cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().startswith("error: data.path: the val split has 5 characters, fewer than model.block_size + 1 = 33")
+    summary = json.loads((tmp_path / "failed" / "run_summary.json").read_text())
+    assert summary["status"] == "failed" and "the val split has 5 characters" in summary["error"]
+    assert summary["git"] and summary["versions"]["jax"] and summary["wall_time_sec"] >= 0
