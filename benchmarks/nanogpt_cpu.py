@@ -49,18 +49,14 @@ def jax_side(steps: int, warmup: int) -> dict:
             "peak_flops": runtime.measure_matmul_flops(), "loss": float(metrics["loss"])}
 
 
-def torch_side(steps: int, warmup: int) -> dict:
-    """karpathy/nanoGPT model.py + train.py's CPU path (fp32, no compile), same sizes."""
+def torch_nanogpt(cfg, vocab_size: int, seed: int):  # type: ignore[no-untyped-def]
+    """karpathy/nanoGPT's model.py GPT and train.py's AdamW, at cfg's sizes (fp32, no compile)."""
     import torch
     from torch import nn
     from torch.nn import functional as F
 
-    from mllm_jax.config import load_config
-    from mllm_jax.recipes.nanogpt import Config
-
-    cfg = load_config(Config, CONFIG, [f"data.path={DATA}"] if DATA.is_file() else [])
     m, t = cfg.model, cfg.train
-    V, C, T, B = 65, m.n_embd, m.block_size, t.global_batch_size
+    V, C = vocab_size, m.n_embd
 
     class Block(nn.Module):
         def __init__(self) -> None:
@@ -70,6 +66,7 @@ def torch_side(steps: int, warmup: int) -> dict:
             self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C, bias=m.bias), nn.Linear(4 * C, C, bias=m.bias)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            B, T, _ = x.shape
             q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
             q, k, v = (a.view(B, T, m.n_head, C // m.n_head).transpose(1, 2) for a in (q, k, v))
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
@@ -79,7 +76,7 @@ def torch_side(steps: int, warmup: int) -> dict:
     class GPT(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
+            self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(m.block_size, C)
             self.h = nn.ModuleList(Block() for _ in range(m.n_layer))
             self.ln_f = nn.LayerNorm(C, bias=m.bias)
             self.lm_head = nn.Linear(C, V, bias=False)
@@ -90,33 +87,47 @@ def torch_side(steps: int, warmup: int) -> dict:
                     nn.init.normal_(p, 0.0, std)
 
         def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            x = self.wte(idx) + self.wpe(torch.arange(T))
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
             for block in self.h:
                 x = block(x)
             logits = self.lm_head(self.ln_f(x))
-            return F.cross_entropy(logits.view(-1, V), targets.view(-1))
+            return F.cross_entropy(logits.view(-1, V), targets.reshape(-1))
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = GPT()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=t.learning_rate, betas=(t.beta1, t.beta2))
-    batches = [(torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))) for _ in range(8)]
 
-    def step(i: int) -> float:
-        loss = model(*batches[i % 8])
+    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()  # nanoGPT reads the loss every iteration (log_interval=1 on CPU)
 
+    return model, step
+
+
+def torch_side(steps: int, warmup: int) -> dict:
+    import torch
+
+    from mllm_jax.config import load_config
+    from mllm_jax.recipes.nanogpt import Config
+
+    cfg = load_config(Config, CONFIG, [f"data.path={DATA}"] if DATA.is_file() else [])
+    B, T, V = cfg.train.global_batch_size, cfg.model.block_size, 65
+    _, step = torch_nanogpt(cfg, V, seed=0)
+    batches = [(torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))) for _ in range(8)]
     for i in range(warmup):
-        step(i)
+        step(*batches[i % 8], cfg.train.learning_rate)
     start = time.perf_counter()
     for i in range(steps):
-        loss = step(i)
+        loss = step(*batches[i % 8], cfg.train.learning_rate)
     return {"sec_per_step": (time.perf_counter() - start) / steps, "tokens_per_step": B * T,
             "threads": torch.get_num_threads(), "loss": loss}
 

@@ -41,8 +41,8 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
     from mllm_jax.tracking import check_wandb_credentials
 
     check_wandb_credentials(cfg.wandb)
+    runtime.init_distributed()  # before anything touches the backend
     runtime.tune_host_allocator()
-    runtime.init_distributed()
     mesh = runtime.make_mesh(cfg.jax.mesh_shape)
     runtime.check_batch(cfg.train.global_batch_size, mesh)
     run_dir = trainer.resolve_run_dir(recipe, cfg.output_dir, resume)

@@ -107,15 +107,20 @@ def resolve_run_dir(recipe: str, output_dir: str | None, resume: bool) -> Path:
 
 class _StopFlag:
     """Set by SIGTERM/SIGINT so the loop can checkpoint and leave cleanly (spot preemption,
-    `mllm stop`)."""
+    `mllm stop`, Ctrl-C). A second signal interrupts at once."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._set)
+        self.previous = {sig: signal.signal(sig, self._set) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _set(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
         self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def any_process(self) -> bool:
         """Whether any process was asked to stop (all must agree: saving is collective)."""
@@ -169,6 +174,7 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> dict[str, Any]:
             result["traceback"] = traceback.format_exc(limit=20)
         raise
     finally:
+        stop.restore()
         console.close()
         checkpointer.close()
         eval_losses = tracker.values("eval/loss")
@@ -222,13 +228,12 @@ def _loop(task: Task, state: Any, cfg: TrainConfig, tracker: Tracker, console: C
             if stop.any_process():
                 status = "stopped"
         console.advance(step)
-        if status == "stopped" or (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-            if status != "stopped":
-                evals = task.evaluate(state)
-                tracker.log(step, evals)
-                console.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
-                last_eval_step = step
-            t_mark, step_mark = time.perf_counter(), step
+        if status != "stopped" and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            evals = task.evaluate(state)
+            tracker.log(step, evals)
+            console.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+            last_eval_step = step
+            t_mark, step_mark = time.perf_counter(), step  # evaluation time is not step time
         checkpointer.maybe_save(step, state, force=step == cfg.max_steps or status == "stopped")
         if status == "stopped":
             console.print(f"stop requested (signal {stop.signal}): checkpoint saved at step {step}")

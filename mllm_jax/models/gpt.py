@@ -78,11 +78,15 @@ class Linear(nn.Module):
         return y
 
 
-class CausalSelfAttention(nn.Module):
+class _Sublayer(nn.Module):
+    """Fields every part of a GPT block carries."""
+
     cfg: GPTConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
 
+
+class CausalSelfAttention(_Sublayer):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         cfg = self.cfg
@@ -101,11 +105,7 @@ class CausalSelfAttention(nn.Module):
         return nn.Dropout(cfg.dropout)(y, deterministic=not train)
 
 
-class MLP(nn.Module):
-    cfg: GPTConfig
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
-
+class MLP(_Sublayer):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         cfg = self.cfg
@@ -116,11 +116,7 @@ class MLP(nn.Module):
         return nn.Dropout(cfg.dropout)(x, deterministic=not train)
 
 
-class Block(nn.Module):
-    cfg: GPTConfig
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
-
+class Block(_Sublayer):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, use_bias=self.cfg.bias, dtype=self.dtype,  # noqa: E731
