@@ -54,3 +54,20 @@ def free_port() -> int:
 def shakespeare() -> str:
     assert SHAKESPEARE.is_file(), f"shared data missing: {SHAKESPEARE}"
     return str(SHAKESPEARE)
+
+
+def launcher_env(tmp_path: Path, endpoint: str, **extra: str) -> dict[str, str]:
+    """Environment for `mllm` against a local Cloud TPU API, with its own config dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLLM_", "CLOUDSDK_"))}
+    env.update(MLLM_TPU_API_ENDPOINT=endpoint, MLLM_PROJECT="test-project", XDG_CONFIG_HOME=str(tmp_path / "config"),
+               COLUMNS="200", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def mllm(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the real `mllm` console script."""
+    return subprocess.run([MLLM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+MLLM = str(Path(sys.executable).with_name("mllm"))

@@ -1,0 +1,36 @@
+"""The launcher's own SSH identity: one ed25519 key pair in the user's config dir, made once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+KEY_COMMENT = "mllm"
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "mllm"
+
+
+def key_paths() -> tuple[Path, Path]:
+    private = config_dir() / "id_ed25519"
+    return private, private.with_suffix(".pub")
+
+
+def ensure_key() -> tuple[Path, str]:
+    """(private key path, public key line `ssh-ed25519 AAAA... mllm`), creating them (0600) once."""
+    private, public = key_paths()
+    if not private.exists():
+        private.parent.mkdir(parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        public.write_text(f"{line.decode()} {KEY_COMMENT}\n")
+    return private, public.read_text().strip()

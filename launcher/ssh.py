@@ -1,0 +1,189 @@
+"""SSH to every worker of a TPU VM with paramiko: verified host keys, one reused connection per
+worker, keepalives, connect retries, and parallel fan-out with `[wK]`-prefixed output."""
+
+from __future__ import annotations
+
+import base64
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import paramiko
+
+from launcher.errors import LauncherError
+
+T = TypeVar("T")
+KEEPALIVE_SEC = 15
+
+
+@dataclass
+class Worker:
+    index: int
+    host: str
+    port: int = 22
+    host_keys: dict[str, str] = field(default_factory=dict)
+    """Key type -> base64 key, as the VM published them (guest attributes); empty = unknown."""
+
+    @property
+    def label(self) -> str:
+        return f"w{self.index}"
+
+
+def select_workers(workers: list[Worker], spec: str) -> list[Worker]:
+    """`all`, `0` or `1,3` -> those workers; an index out of range is an error."""
+    if spec == "all":
+        return workers
+    try:
+        wanted = [int(p) for p in spec.split(",") if p.strip()]
+    except ValueError:
+        raise LauncherError(f"--worker {spec!r}: expected 'all', an index such as 0, or a list such as 1,3") from None
+    for i in wanted:
+        if not 0 <= i < len(workers):
+            raise LauncherError(f"--worker {i}: out of range, the VM has {len(workers)} worker(s) (0..{len(workers) - 1})")
+    return [workers[i] for i in dict.fromkeys(wanted)]
+
+
+class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
+    """No published key: remember the first one seen in the launcher's own known_hosts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        client.save_host_keys(str(self.path))
+
+
+class Connections:
+    """One SSH connection per worker, opened on first use and reused for the whole command."""
+
+    def __init__(self, user: str, key_file: Path, known_hosts: Path, retries: int = 4, timeout: float = 20):
+        self.user, self.key_file, self.known_hosts = user, key_file, known_hosts
+        self.retries, self.timeout = retries, timeout
+        self._clients: dict[tuple[str, int], paramiko.SSHClient] = {}
+        self._lock = threading.Lock()
+
+    def client(self, w: Worker) -> paramiko.SSHClient:
+        with self._lock:
+            client = self._clients.get((w.host, w.port))
+        if client is not None and client.get_transport() and client.get_transport().is_active():
+            return client
+        client = self._connect(w)
+        with self._lock:
+            self._clients[(w.host, w.port)] = client
+        return client
+
+    def _connect(self, w: Worker) -> paramiko.SSHClient:
+        name = w.host if w.port == 22 else f"[{w.host}]:{w.port}"
+        delay = 1.0
+        for attempt in range(self.retries + 1):
+            client = paramiko.SSHClient()
+            if w.host_keys:  # the VM vouched for its keys: accept exactly those
+                for key_type, b64 in w.host_keys.items():
+                    client.get_host_keys().add(name, key_type, paramiko.PKey.from_type_string(key_type, base64.b64decode(b64)))
+                client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            else:
+                if self.known_hosts.exists():
+                    client.load_host_keys(str(self.known_hosts))
+                client.set_missing_host_key_policy(_TrustOnFirstUse(self.known_hosts))
+            try:
+                client.connect(w.host, w.port, username=self.user, key_filename=str(self.key_file),
+                               timeout=self.timeout, banner_timeout=self.timeout, auth_timeout=self.timeout,
+                               look_for_keys=False, allow_agent=False)
+                client.get_transport().set_keepalive(KEEPALIVE_SEC)
+                return client
+            except paramiko.BadHostKeyException as e:
+                raise LauncherError(
+                    f"worker {w.index} ({w.host}): host key {e.key.get_name()} does not match the "
+                    f"{'key the VM published' if w.host_keys else 'one in ' + str(self.known_hosts)}; refusing to connect"
+                ) from None
+            except paramiko.SSHException as e:
+                if "not found in known_hosts" in str(e) or isinstance(e, paramiko.AuthenticationException):
+                    raise LauncherError(f"worker {w.index} ({w.host}): {e}") from None
+                error: Exception = e
+            except OSError as e:
+                error = e
+            client.close()
+            if attempt < self.retries:
+                time.sleep(delay)
+                delay *= 2
+        raise LauncherError(f"worker {w.index} ({w.host}:{w.port}): cannot connect ({error})")
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+    def __enter__(self) -> "Connections":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_print_lock = threading.Lock()
+
+
+def emit(prefix: str, line: str, stream=None) -> None:  # type: ignore[no-untyped-def]
+    with _print_lock:
+        print(f"[{prefix}] {line}" if prefix else line, file=stream or sys.stdout, flush=True)
+
+
+def run(conns: Connections, w: Worker, command: str, prefix: str | None = None,
+        on_line: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> int:
+    """Run `command` (a shell string) on one worker, streaming its combined output line by line."""
+    chan = conns.client(w).get_transport().open_session()
+    chan.set_combine_stderr(True)
+    chan.exec_command(command)
+    pending = b""
+    while True:
+        if cancel is not None and cancel.is_set():
+            chan.close()
+            return 130
+        if chan.recv_ready():
+            pending += chan.recv(65536)
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace").rstrip("\r")
+                (on_line or (lambda s: emit(w.label if prefix is None else prefix, s)))(line)
+        elif chan.exit_status_ready() and not chan.recv_ready():
+            break
+        else:
+            time.sleep(0.005)
+    if pending:
+        line = pending.decode(errors="replace").rstrip("\r")
+        (on_line or (lambda s: emit(w.label if prefix is None else prefix, s)))(line)
+    return chan.recv_exit_status()
+
+
+def capture(conns: Connections, w: Worker, command: str) -> tuple[int, str]:
+    """Run `command` on one worker and return (exit code, output)."""
+    lines: list[str] = []
+    code = run(conns, w, command, on_line=lines.append)
+    return code, "\n".join(lines)
+
+
+def fan_out(workers: list[Worker], fn: Callable[[Worker], T]) -> dict[int, T]:
+    """fn(worker) on every worker in parallel; results by worker index."""
+    with ThreadPoolExecutor(max_workers=max(1, len(workers))) as pool:
+        futures = {w.index: pool.submit(fn, w) for w in workers}
+        return {i: f.result() for i, f in futures.items()}
+
+
+def exec_all(conns: Connections, workers: list[Worker], command: str, fail_fast: bool = False) -> int:
+    """Run `command` on every worker at once; the exit code is the worst worker's."""
+    cancel = threading.Event()
+
+    def one(w: Worker) -> int:
+        code = run(conns, w, command, cancel=cancel)
+        if code and fail_fast:
+            cancel.set()
+        return code
+
+    codes = fan_out(workers, one)
+    return max(codes.values(), default=0)
