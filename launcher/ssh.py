@@ -176,14 +176,17 @@ def fan_out(workers: list[Worker], fn: Callable[[Worker], T]) -> dict[int, T]:
 
 
 def exec_all(conns: Connections, workers: list[Worker], command: str, fail_fast: bool = False) -> int:
-    """Run `command` on every worker at once; the exit code is the worst worker's."""
+    """Run `command` on every worker at once; the exit code is the worst worker's. With
+    `fail_fast`, the first failure stops the others and its code is the result."""
     cancel = threading.Event()
+    first_failure: list[int] = []
 
     def one(w: Worker) -> int:
         code = run(conns, w, command, cancel=cancel)
-        if code and fail_fast:
+        if code and fail_fast and not cancel.is_set():
+            first_failure.append(code)
             cancel.set()
         return code
 
     codes = fan_out(workers, one)
-    return max(codes.values(), default=0)
+    return first_failure[0] if first_failure else max(codes.values(), default=0)

@@ -1,0 +1,160 @@
+"""End-to-end: `mllm` creates a 2-worker TPU VM on the local Cloud TPU API whose workers are real
+sshd hosts (each with its own /root and /tmp), then bootstraps, reports versions, runs commands
+and pushes secrets over SSH, verifying host keys against the VM's guest attributes."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import launcher_env, mllm
+from harness.sshd import SshCluster
+from harness.tpu_api import FakeTpuApi
+
+ZONE = "us-east1-d"
+
+
+class Slice:
+    """A local Cloud TPU API whose v6e-N nodes get N/8 workers from a pool of sshd hosts."""
+
+    def __init__(self, hosts: SshCluster, publish_keys: bool = True):
+        self.hosts = hosts
+        self.publish_keys = publish_keys
+        self.api = FakeTpuApi(self.hosts_for_node, on_create=self.authorize, op_delay=0.1)
+
+    def hosts_for_node(self, node_id: str, accelerator_type: str) -> list[dict]:
+        count = min(len(self.hosts), max(1, int(accelerator_type.split("-")[1]) // 8))
+        return [{"ip": h.ip, "host_keys": {h.host_key_type: h.host_public_key_line} if self.publish_keys else {}}
+                for h in self.hosts.hosts[:count]]
+
+    def authorize(self, node: dict) -> None:
+        """What the guest agent does: the node's `ssh-keys` metadata into authorized_keys."""
+        user, key = node["metadata"]["ssh-keys"].split(":", 1)
+        assert user == "root"
+        ips = {ep["ipAddress"] for ep in node["networkEndpoints"]}
+        for h in self.hosts:
+            if h.ip in ips:
+                h.authorize(key)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    cluster = SshCluster(2).start()
+    yield cluster
+    cluster.stop()
+
+
+def test_two_worker_lifecycle(tmp_path, hosts):
+    secret = "s3cr3t-wandb-value-42"
+    with Slice(hosts).api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        run = lambda *a: mllm(*a, cwd=tmp_path, env=env)  # noqa: E731
+        outputs = []
+
+        created = run("vm", "create", "pair", "--zone", ZONE, "--type", "v6e-16")
+        assert created.returncode == 0, created.stderr
+        listed = json.loads(run("vm", "list", "--json").stdout)
+        assert [(r["name"], r["workers"], r["ips"]) for r in listed] == [("pair", 2, hosts.ips)]
+
+        boot = run("bootstrap", "--python", sys.executable)
+        assert boot.returncode == 0, boot.stderr
+        assert f"[w0] ready: {sys.executable}" in boot.stdout and f"[w1] ready: {sys.executable}" in boot.stdout
+
+        versions = run("versions", "--json")
+        assert versions.returncode == 0, versions.stderr
+        found = json.loads(versions.stdout)
+        assert set(found) == {"0", "1"}
+        import jax
+
+        for v in found.values():
+            assert v["python"] == ".".join(map(str, sys.version_info[:3])) and v["jax"] == jax.__version__
+            assert v["backend"] == "cpu" and v["device_count"] >= 1 and v["kernel"]
+        table = run("versions")
+        assert "jaxlib" in table.stdout and "cpu" in table.stdout
+
+        # Arguments arrive as arguments: nothing in them is expanded by the remote shell.
+        echo = run("exec", "--worker", "all", "--", "echo", "$(id -u)", "a  b", "'q'")
+        assert echo.returncode == 0, echo.stderr
+        assert sorted(echo.stdout.splitlines()) == ["[w0] $(id -u) a  b 'q'", "[w1] $(id -u) a  b 'q'"]
+
+        # Each worker has its own filesystem; the exit code is the worst worker's.
+        assert run("exec", "--worker", "0", "--", "touch", "/root/only-w0").returncode == 0
+        check = run("exec", "--", "test", "-e", "/root/only-w0")
+        assert check.returncode == 1
+        codes = run("exec", "--", "sh", "-c", "hostname; exit $(( $(hostname | tail -c 2) % 3 ))")
+        assert codes.returncode == max(int(ip.rsplit(".", 1)[1]) % 3 for ip in hosts.ips)
+
+        fast = run("exec", "--fail-fast", "--", "sh", "-c", f"[ $(hostname) = {hosts[0].hostname} ] && exit 3; sleep 60")
+        assert fast.returncode == 3
+
+        (tmp_path / ".env").write_bytes(f"export WANDB_API_KEY='{secret}'  \r\nWANDB_ENTITY=team\r\n".encode())
+        pushed = run("env", "push", "--worker", "all")
+        assert pushed.returncode == 0, pushed.stderr
+        assert "[w0] /root/.env (0600): WANDB_API_KEY, WANDB_ENTITY" in pushed.stdout
+        probe = ("import os, stat; d = open('/root/.env', 'rb').read(); "
+                 "print(oct(stat.S_IMODE(os.stat('/root/.env').st_mode)), b'\\r' in d, d.endswith(b'  '))")
+        mode = run("exec", "--", sys.executable, "-c", probe)
+        assert sorted(mode.stdout.splitlines()) == ["[w0] 0o600 False False", "[w1] 0o600 False False"]
+        length = run("exec", "--env-file", "/root/.env", "--", "sh", "-c", 'echo "${#WANDB_API_KEY} $WANDB_ENTITY"')
+        assert sorted(length.stdout.splitlines()) == [f"[w0] {len(secret)} team", f"[w1] {len(secret)} team"]
+        outputs += [created, boot, versions, echo, pushed, mode, length]
+
+        deleted = run("vm", "delete", "--yes")
+        assert deleted.returncode == 0 and not api.nodes
+        for out in outputs + [deleted]:
+            assert secret not in out.stdout + out.stderr
+
+
+def test_host_key_differing_from_guest_attributes_is_refused(tmp_path, hosts):
+    s = Slice(hosts)
+    s.hosts_for_node = lambda node_id, t: [{"ip": hosts[0].ip, "host_keys": {"ssh-ed25519": hosts[1].host_public_key_line}}]
+    s.api = FakeTpuApi(s.hosts_for_node, on_create=s.authorize, op_delay=0.1)
+    with s.api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        assert mllm("vm", "create", "liar", "--zone", ZONE, "--type", "v6e-8", cwd=tmp_path, env=env).returncode == 0
+        out = mllm("exec", "--", "touch", "/root/should-not-exist", cwd=tmp_path, env=env)
+        assert out.returncode == 2
+        assert out.stderr.strip() == (f"error: worker 0 ({hosts[0].ip}): host key ssh-ed25519 does not match "
+                                      "the key the VM published; refusing to connect")
+
+
+def test_unpublished_host_key_is_trusted_on_first_use_then_pinned(tmp_path, hosts):
+    with Slice(hosts, publish_keys=False).api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        assert mllm("vm", "create", "tofu", "--zone", ZONE, "--type", "v6e-8", cwd=tmp_path, env=env).returncode == 0
+        assert mllm("exec", "--", "true", cwd=tmp_path, env=env).returncode == 0
+        known = tmp_path / "config" / "mllm" / "known_hosts"
+        assert known.read_text().split() == [hosts[0].ip, "ssh-ed25519", hosts[0].host_key_b64]
+        known.write_text(f"{hosts[0].ip} ssh-ed25519 {hosts[1].host_key_b64}\n")  # as if the key changed
+        out = mllm("exec", "--", "true", cwd=tmp_path, env=env)
+        assert out.returncode == 2 and "does not match the one in" in out.stderr
+
+
+def test_interactive_ssh_shell(tmp_path, hosts):
+    """`mllm ssh` hands a real terminal to the system ssh, with our key and the published host key."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import time
+
+    with Slice(hosts).api as api:
+        env = launcher_env(tmp_path, api.endpoint, TERM="dumb")
+        assert mllm("vm", "create", "shell", "--zone", ZONE, "--type", "v6e-8", cwd=tmp_path, env=env).returncode == 0
+        leader, follower = pty.openpty()
+        from conftest import MLLM
+
+        proc = subprocess.Popen([MLLM, "ssh"], cwd=tmp_path, env=env, stdin=follower, stdout=follower, stderr=follower)
+        os.close(follower)
+        os.write(leader, b"echo marker-$((6*7)) $(hostname)\nexit\n")
+        seen, deadline = b"", time.time() + 30
+        while time.time() < deadline and proc.poll() is None:
+            if select.select([leader], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(leader, 4096)
+                except OSError:
+                    break
+        assert proc.wait(timeout=30) == 0, seen.decode(errors="replace")
+        assert f"marker-42 {hosts[0].hostname}".encode() in seen
