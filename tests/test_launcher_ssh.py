@@ -158,3 +158,23 @@ def test_interactive_ssh_shell(tmp_path, hosts):
                     break
         assert proc.wait(timeout=30) == 0, seen.decode(errors="replace")
         assert f"marker-42 {hosts[0].hostname}".encode() in seen
+
+
+def test_bootstrap_venv_is_idempotent_and_recorded(tmp_path, hosts):
+    """A venv that already has the stack is kept as is, recorded, and used by `versions`."""
+    with Slice(hosts).api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        run = lambda *a: mllm(*a, cwd=tmp_path, env=env)  # noqa: E731
+        assert run("vm", "create", "venv", "--zone", ZONE, "--type", "v6e-8").returncode == 0
+        made = run("exec", "--", sys.executable, "-m", "venv", "--system-site-packages", "/root/venv-ok")
+        assert made.returncode == 0, made.stdout
+        boot = run("bootstrap", "--venv", "/root/venv-ok")
+        assert boot.returncode == 0, boot.stdout + boot.stderr
+        assert "[w0] venv already has jax and the project's dependencies" in boot.stdout
+        assert "[w0] ready: /root/venv-ok/bin/python" in boot.stdout
+        record = run("exec", "--", "cat", "/root/.mllm/python")
+        assert record.stdout.strip() == "[w0] /root/venv-ok/bin/python"
+        versions = json.loads(run("versions", "--json").stdout)
+        assert versions["0"]["backend"] == "cpu"
+        bad = run("bootstrap", "--python", "/no/such/python")
+        assert bad.returncode == 2 and bad.stderr.startswith("error: worker 0: --python /no/such/python does not run")

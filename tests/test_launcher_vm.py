@@ -47,6 +47,12 @@ def test_create_list_describe_delete(tmp_path, api):
     (auto_name,) = [n.rsplit("/", 1)[-1] for n in api.nodes if not n.endswith("/demo")]
     assert auto_name.startswith("mllm-v5litepod-4-") and api.node(auto_name)["runtimeVersion"] == "v2-alpha-tpuv5-lite"
 
+    queued = mllm("vm", "create", "later", "--zone", "us-east1-d", "--type", "v6e-8", "--async", cwd=tmp_path, env=env)
+    assert queued.returncode == 0 and "requested later" in queued.stdout
+    assert api.node("later")["state"] == "CREATING"
+    api.finish_operations()
+    assert mllm("vm", "delete", "--vm", "later", "--yes", cwd=tmp_path, env=env).returncode == 0
+
     api.set_state(auto_name, "PREEMPTED")
     gone = mllm("vm", "delete", "--preempted", "--yes", cwd=tmp_path, env=env)
     assert gone.returncode == 0 and f"deleted {auto_name}" in gone.stdout
