@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime, timezone
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from launcher import state
 from launcher.errors import LauncherError
 from mllm_jax import __version__
+
+if TYPE_CHECKING:  # imported lazily at run time: `mllm --help` stays fast
+    from launcher import cloud, ssh
 
 app = typer.Typer(help="Train LLMs with JAX, locally or on Cloud TPU VMs.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -197,7 +199,7 @@ UserOpt = typer.Option("root", "--user", help="SSH user on the workers.")
 
 
 def _workers(vm: Optional[str], zone: Optional[str], project: Optional[str], internal_ip: bool,
-             worker: str, user: str) -> "tuple[list[ssh.Worker], ssh.Connections]":  # noqa: F821
+             worker: str, user: str) -> "tuple[list[ssh.Worker], ssh.Connections]":
     """The VM's selected workers (with their published host keys) and a connection pool."""
     from launcher import cloud, keys, ssh
 

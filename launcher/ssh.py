@@ -4,7 +4,6 @@ worker, keepalives, connect retries, and parallel fan-out with `[wK]`-prefixed o
 from __future__ import annotations
 
 import base64
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -129,19 +128,22 @@ class Connections:
 _print_lock = threading.Lock()
 
 
-def emit(prefix: str, line: str, stream=None) -> None:  # type: ignore[no-untyped-def]
+def emit(label: str, line: str) -> None:
+    """One output line of a worker, `[wK] ...`; whole lines only, even from many threads."""
     with _print_lock:
-        print(f"[{prefix}] {line}" if prefix else line, file=stream or sys.stdout, flush=True)
+        print(f"[{label}] {line}", flush=True)
 
 
-def run(conns: Connections, w: Worker, command: str, prefix: str | None = None,
-        on_line: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> int:
-    """Run `command` (a shell string) on one worker, streaming its combined output line by line."""
+def run(conns: Connections, w: Worker, command: str, on_line: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None) -> int:
+    """Run `command` (a shell string) on one worker, streaming its combined output line by line
+    (to `on_line`, or to stdout prefixed with `[wK]`)."""
+    sink = on_line or (lambda line: emit(w.label, line))
     chan = conns.client(w).get_transport().open_session()
     chan.set_combine_stderr(True)
     chan.exec_command(command)
     pending = b""
-    while True:
+    while not (chan.exit_status_ready() and not chan.recv_ready()):
         if cancel is not None and cancel.is_set():
             chan.close()
             return 130
@@ -149,15 +151,11 @@ def run(conns: Connections, w: Worker, command: str, prefix: str | None = None,
             pending += chan.recv(65536)
             *lines, pending = pending.split(b"\n")
             for raw in lines:
-                line = raw.decode(errors="replace").rstrip("\r")
-                (on_line or (lambda s: emit(w.label if prefix is None else prefix, s)))(line)
-        elif chan.exit_status_ready() and not chan.recv_ready():
-            break
+                sink(raw.decode(errors="replace").rstrip("\r"))
         else:
             time.sleep(0.005)
     if pending:
-        line = pending.decode(errors="replace").rstrip("\r")
-        (on_line or (lambda s: emit(w.label if prefix is None else prefix, s)))(line)
+        sink(pending.decode(errors="replace").rstrip("\r"))
     return chan.recv_exit_status()
 
 

@@ -8,7 +8,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import SMOKE, losses, read_metrics, run_trainer, trainer_cmd, trainer_env
 
