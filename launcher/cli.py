@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import typer
@@ -198,9 +200,18 @@ InternalOpt = typer.Option(False, "--internal-ip", help="Connect to the workers'
 UserOpt = typer.Option("root", "--user", help="SSH user on the workers.")
 
 
-def _workers(vm: Optional[str], zone: Optional[str], project: Optional[str], internal_ip: bool,
-             worker: str, user: str) -> "tuple[list[ssh.Worker], ssh.Connections]":
-    """The VM's selected workers (with their published host keys) and a connection pool."""
+@dataclass
+class _Vm:
+    """A READY TPU VM's workers (with their published host keys) and one connection pool."""
+
+    name: str
+    zone: str
+    workers: "list[ssh.Worker]"
+    internal_ips: list[str]
+    conns: "ssh.Connections"
+
+
+def _vm(vm: Optional[str], zone: Optional[str], project: Optional[str], internal_ip: bool, user: str) -> _Vm:
     from launcher import cloud, keys, ssh
 
     z = _zone(zone, project)
@@ -211,10 +222,19 @@ def _workers(vm: Optional[str], zone: Optional[str], project: Optional[str], int
     host_keys = z.host_keys(name)
     workers = [ssh.Worker(i, ip, host_keys=host_keys.get(i, {}))
                for i, ip in enumerate(cloud.worker_ips(node, internal=internal_ip))]
-    selected = ssh.select_workers(workers, worker)
     state.remember(vm=name, zone=z.zone, project=z.project)
     key_file, _ = keys.ensure_key()
-    return selected, ssh.Connections(user, key_file, keys.config_dir() / "known_hosts")
+    conns = ssh.Connections(user, key_file, keys.config_dir() / "known_hosts")
+    return _Vm(name, z.zone, workers, cloud.worker_ips(node, internal=True), conns)
+
+
+def _workers(vm: Optional[str], zone: Optional[str], project: Optional[str], internal_ip: bool,
+             worker: str, user: str) -> "tuple[list[ssh.Worker], ssh.Connections]":
+    """The VM's selected workers and a connection pool."""
+    from launcher import ssh
+
+    v = _vm(vm, zone, project, internal_ip, user)
+    return ssh.select_workers(v.workers, worker), v.conns
 
 
 @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -323,4 +343,254 @@ def versions_cmd(
     table = Table("worker", *cols)
     for i, v in found.items():
         table.add_row(str(i), *[str(v.get(c)) for c in cols])
+    Console().print(table)
+
+
+RunArg = typer.Argument(None, help="Run id (default: the target's runs/latest).")
+LocalOpt = typer.Option(False, "--local", help="This machine instead of a TPU VM (runs under ./runs).")
+
+
+def _targets(local: bool, vm: Optional[str], zone: Optional[str], project: Optional[str], internal_ip: bool,
+             worker: str, user: str) -> "tuple[list[jobs.Target], Optional[_Vm]]":  # noqa: F821
+    from pathlib import Path
+
+    from launcher import jobs, ssh
+
+    if local:
+        return [jobs.LocalTarget(Path.cwd())], None
+    v = _vm(vm, zone, project, internal_ip, user)
+    return [jobs.RemoteTarget(v.conns, w) for w in ssh.select_workers(v.workers, worker)], v
+
+
+def _repo_root() -> "Path":  # noqa: F821
+    import subprocess
+    from pathlib import Path
+
+    out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if out.returncode:
+        raise LauncherError("not inside a git repository: mllm sync/launch ship the current repo's commit")
+    return Path(out.stdout.strip())
+
+
+def _sync(v: _Vm, workers: "list[ssh.Worker]", ref: str, include_dirty: bool) -> str:
+    from launcher import ssh, sync
+
+    repo = _repo_root()
+    sha = sync.resolve_commit(repo, ref, include_dirty)
+    results = sync.sync_all(v.conns, workers, repo, sha)
+    for r in results:
+        ssh.emit(f"w{r.worker}", f"{r.sha[:12]} ({'full' if r.full else 'incremental'}, {r.bytes_sent:,} bytes, "
+                                 f"{r.seconds:.2f}s)")
+    return sha
+
+
+@app.command("sync")
+def sync_cmd(
+    vm: Optional[str] = VmOpt, zone: Optional[str] = ZoneOpt, project: Optional[str] = ProjectOpt,
+    worker: str = WorkerOpt, internal_ip: bool = InternalOpt, user: str = UserOpt,
+    ref: str = typer.Option("HEAD", "--ref", help="Commit, branch or tag to ship."),
+    include_dirty: bool = typer.Option(False, "--include-dirty", help="Ship a snapshot of uncommitted changes."),
+) -> None:
+    """Make ~/mllm-jax on every worker hold exactly the local commit (over SSH, no GitHub needed)."""
+    from launcher import ssh
+
+    v = _vm(vm, zone, project, internal_ip, user)
+    with v.conns:
+        _sync(v, ssh.select_workers(v.workers, worker), ref, include_dirty)
+
+
+def _stream_all(targets: "list[jobs.Target]", run_id: str, until_exit: bool) -> None:  # noqa: F821
+    """Print every target's log, `[wK]`-prefixed, reconnecting if a connection drops."""
+    from launcher import jobs, ssh
+
+    def one(t: "jobs.Target") -> None:  # noqa: F821
+        seen = 0
+
+        def line(text: str) -> None:
+            nonlocal seen
+            seen += 1
+            ssh.emit(t.label, text)
+
+        for attempt in range(30):
+            try:
+                jobs.follow(t, run_id, line, from_line=seen + 1, until_exit=until_exit)
+                return
+            except (OSError, EOFError) as e:  # dropped connection: pick up where we were
+                ssh.emit(t.label, f"(connection lost: {e}; reconnecting)")
+                time.sleep(min(2 ** attempt, 10))
+
+    ssh.fan_out(targets, one) if len(targets) > 1 else one(targets[0])
+
+
+@app.command("launch")
+def launch_cmd(
+    recipe: str = typer.Argument(..., help="Recipe, e.g. nanogpt."),
+    config: str = typer.Option(..., "--config", help="YAML config (inside the repo: it travels with the sync)."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config key (repeatable)."),
+    vm: Optional[str] = VmOpt, zone: Optional[str] = ZoneOpt, project: Optional[str] = ProjectOpt,
+    worker: str = WorkerOpt, internal_ip: bool = InternalOpt, user: str = UserOpt,
+    no_sync: bool = typer.Option(False, "--no-sync", help="Run the code already on the workers."),
+    include_dirty: bool = typer.Option(False, "--include-dirty", help="Ship a snapshot of uncommitted changes."),
+    env_file: Optional[str] = typer.Option(None, "--env-file", help="Env file on the target (default: /root/.env if pushed; local: ./.env)."),
+    follow_logs: bool = typer.Option(False, "--follow", "-f", help="Stream the logs until the job ends; exit with its code."),
+    local: bool = LocalOpt,
+    force: bool = typer.Option(False, "--force", help="Stop a job still running there first."),
+) -> None:
+    """Start `python -m mllm_jax train RECIPE` detached on the workers (one process each)."""
+    from pathlib import Path
+
+    from launcher import jobs, ssh
+
+    targets, v = _targets(local, vm, zone, project, internal_ip, worker, user)
+    if local:
+        if not Path(config).is_file():
+            raise LauncherError(f"--config {config}: file not found")
+        sha = _git_head_or_none() or "nogit"
+        config_arg = config
+    else:
+        root = _repo_root()
+        path = Path(config).resolve()
+        if not path.is_file() or not path.is_relative_to(root):
+            raise LauncherError(f"--config {config}: expected a file inside the repository {root} (it is synced)")
+        config_arg = str(path.relative_to(root))
+    with (v.conns if v else contextlib.nullcontext()):
+        if not local:
+            sha = _sync(v, [t.worker for t in targets], "HEAD", include_dirty) if not no_sync else "nosync"
+        busy = sorted({r for t in targets for r in jobs.running_jobs(t)})
+        if busy and not force:
+            raise LauncherError(f"a job is still running there ({', '.join(busy)}): `mllm stop` it or pass --force")
+        for run in busy:
+            for t in targets:
+                ssh.emit(t.label, f"stopping {run}: {jobs.stop(t, run)}")
+        if env_file is None and not local:
+            env_file = "/root/.env" if targets[0].sh("test -f /root/.env")[0] == 0 else None
+        for t in targets:
+            code, out = t.sh(f"cd {t.repo} && {t.python} -c 'import jax, mllm_jax'")
+            if code:
+                raise LauncherError(f"{t.label}: cannot import jax and mllm_jax there ({out.strip()[-200:]}); run `mllm bootstrap`")
+        run_id = jobs.new_run_id(recipe, sha)
+        coordinator = f"{v.internal_ips[targets[0].index]}:{jobs.COORDINATOR_PORT}" if v else None
+        spec = jobs.LaunchSpec(recipe, config_arg, list(overrides), run_id, env_file, coordinator, len(targets))
+        for t in targets:
+            jobs.start(t, spec)
+            ssh.emit(t.label, f"started {run_id} (process {t.index} of {len(targets)})")
+        typer.echo(f"run {run_id}: follow with `mllm logs -f{' --local' if local else ''}`, "
+                   f"results with `mllm fetch-summary{' --local' if local else ''}`")
+        if follow_logs:
+            _stream_all(targets, run_id, until_exit=True)
+            codes = [jobs.exit_code(t, run_id) for t in targets]
+            raise typer.Exit(max((c if c is not None else 1) for c in codes))
+
+
+def _git_head_or_none() -> Optional[str]:
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@app.command("status")
+def status_cmd(run: Optional[str] = RunArg, local: bool = LocalOpt, vm: Optional[str] = VmOpt,
+               zone: Optional[str] = ZoneOpt, project: Optional[str] = ProjectOpt, worker: str = WorkerOpt,
+               internal_ip: bool = InternalOpt, user: str = UserOpt,
+               as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Per worker: running / exited N / lost, last step and last log line."""
+    from dataclasses import asdict
+
+    from launcher import jobs, ssh
+
+    targets, v = _targets(local, vm, zone, project, internal_ip, worker, user)
+    with (v.conns if v else contextlib.nullcontext()):
+        run_id = run or jobs.latest_run(targets[0])
+        found = ssh.fan_out(targets, lambda t: jobs.status(t, run_id)) if v else {0: jobs.status(targets[0], run_id)}
+    if as_json:
+        typer.echo(json.dumps({"run": run_id, "workers": [asdict(s) for s in found.values()]}, indent=2))
+        return
+    typer.echo(f"run {run_id}")
+    for s in found.values():
+        typer.echo(f"[w{s.worker}] {s.state:10s} step {s.last_step if s.last_step is not None else '-'}  {s.last_line}")
+
+
+@app.command("logs")
+def logs_cmd(run: Optional[str] = RunArg, local: bool = LocalOpt, vm: Optional[str] = VmOpt,
+             zone: Optional[str] = ZoneOpt, project: Optional[str] = ProjectOpt, worker: str = WorkerOpt,
+             internal_ip: bool = InternalOpt, user: str = UserOpt,
+             follow_logs: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")) -> None:
+    """Print the run's logs, `[wK]`-prefixed; -f follows them until the job ends."""
+    from launcher import jobs
+
+    targets, v = _targets(local, vm, zone, project, internal_ip, worker, user)
+    with (v.conns if v else contextlib.nullcontext()):
+        run_id = run or jobs.latest_run(targets[0])
+        if follow_logs:
+            _stream_all(targets, run_id, until_exit=True)
+        else:
+            for t in targets:
+                code, out = t.sh(f"cat {t.repo}/runs/{run_id}/logs/worker-{t.index}.log")
+                if code:
+                    raise LauncherError(f"{t.label}: no log for run {run_id}")
+                for line in out.splitlines():
+                    typer.echo(f"[{t.label}] {line}")
+
+
+@app.command("stop")
+def stop_cmd(run: Optional[str] = RunArg, local: bool = LocalOpt, vm: Optional[str] = VmOpt,
+             zone: Optional[str] = ZoneOpt, project: Optional[str] = ProjectOpt, worker: str = WorkerOpt,
+             internal_ip: bool = InternalOpt, user: str = UserOpt,
+             grace: float = typer.Option(60.0, "--grace", help="Seconds between TERM (checkpoint) and KILL.")) -> None:
+    """Stop the run on every worker: TERM (the trainer checkpoints), then KILL after --grace."""
+    from launcher import jobs, ssh
+
+    targets, v = _targets(local, vm, zone, project, internal_ip, worker, user)
+    with (v.conns if v else contextlib.nullcontext()):
+        run_id = run or jobs.latest_run(targets[0])
+        done = ssh.fan_out(targets, lambda t: jobs.stop(t, run_id, grace))
+    for t in targets:
+        ssh.emit(t.label, f"{run_id}: {done[t.index]}")
+
+
+@app.command("fetch-summary")
+def fetch_summary_cmd(run: Optional[str] = RunArg, dest: str = typer.Option("runs", "--dest", help="Local folder."),
+                      local: bool = LocalOpt, vm: Optional[str] = VmOpt, zone: Optional[str] = ZoneOpt,
+                      project: Optional[str] = ProjectOpt, internal_ip: bool = InternalOpt, user: str = UserOpt) -> None:
+    """Copy run_summary.json, the resolved config and metrics.jsonl home; index the run."""
+    from pathlib import Path
+
+    from launcher import jobs, runs
+
+    targets, v = _targets(local, vm, zone, project, internal_ip, "0", user)
+    with (v.conns if v else contextlib.nullcontext()):
+        run_id = run or jobs.latest_run(targets[0])
+        summary = (runs.fetch(targets[0], run_id, Path(dest)) if not local
+                   else json.loads((Path("runs") / run_id / "run_summary.json").read_text()))
+    entry = runs.record(run_id, summary, v.name if v else None, v.zone if v else None,
+                        Path(dest) if not local else Path("runs"))
+    typer.echo(f"{run_id}: {summary.get('status')} at step {summary.get('final_step')}, "
+               f"final train loss {summary.get('final_train_loss')}, eval loss {entry['eval_loss']} "
+               f"(best {entry['best_eval_loss']}), commit {str(entry['commit'])[:12]}, "
+               f"{summary.get('process_count')} process(es)")
+    w = summary.get("wandb") or {}
+    if w.get("url"):
+        typer.echo(f"W&B: {w['url']}")
+    elif w.get("sync_command"):
+        typer.echo(f"W&B offline run: {w['dir']} (upload with `{w['sync_command']}`)")
+    typer.echo(f"saved to {entry['dest']}")
+
+
+@app.command("runs")
+def runs_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The local index of fetched runs."""
+    from launcher import runs
+
+    index = list(runs.load_index().values())
+    if as_json:
+        typer.echo(json.dumps(index, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("run", "vm", "recipe", "commit", "status", "eval/loss", "W&B")
+    for e in index:
+        loss = f"{e['eval_loss']:.4f}" if e["eval_loss"] is not None else "-"
+        table.add_row(e["run"], e["vm"], str(e["recipe"]), str(e["commit"])[:10], str(e["status"]), loss, e["wandb"] or "")
     Console().print(table)

@@ -24,11 +24,17 @@ def load() -> dict[str, str]:
         return {}
 
 
+def ensure_dir() -> Path:
+    """The state dir, created on first use; it ignores itself so that git never picks it up."""
+    STATE_DIR.mkdir(exist_ok=True)
+    (STATE_DIR / ".gitignore").write_text("*\n")
+    return STATE_DIR
+
+
 def remember(**values: str | None) -> None:
     state = load()
     state.update({k: v for k, v in values.items() if v})
-    STATE_DIR.mkdir(exist_ok=True)
-    (STATE_DIR / ".gitignore").write_text("*\n")
+    ensure_dir()
     _path().write_text(json.dumps(state, indent=2) + "\n")
 
 

@@ -12,12 +12,12 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     """Thin wrapper over orbax's CheckpointManager with the run's save policy."""
 
-    def __init__(self, directory: Path, every: int, keep: int):
+    def __init__(self, directory: str, every: int, keep: int):
+        """`directory`: a local path or a bucket URL such as gs://bucket/run (orbax's epath)."""
         self.every = every
+        self.directory = directory if "://" in directory else str(Path(directory).absolute())
         self.manager = ocp.CheckpointManager(
-            directory.absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        )
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -37,11 +37,18 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
         keys = load_env_file(env_path)
         print(f"loaded {len(keys)} variable(s) from {env_path}: {', '.join(keys) or '-'}", flush=True)
 
-    from mllm_jax import runtime, trainer  # JAX is imported from here on
+    import jax  # JAX is imported from here on
+
+    from mllm_jax import runtime, trainer
     from mllm_jax.tracking import check_wandb_credentials
 
     check_wandb_credentials(cfg.wandb)
     runtime.init_distributed()  # before anything touches the backend
+    if jax.process_count() > 1 and not cfg.train.checkpoint_dir:
+        raise ConfigError(
+            f"train.checkpoint_dir: a run of {jax.process_count()} processes needs a directory every worker "
+            "shares (e.g. gs://bucket/path); the run dir is on each worker's own disk"
+        )
     runtime.tune_host_allocator()
     mesh = runtime.make_mesh(cfg.jax.mesh_shape)
     runtime.check_batch(cfg.train.global_batch_size, mesh)

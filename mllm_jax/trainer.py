@@ -50,6 +50,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
+    checkpoint_dir: str | None = None
+    """Where checkpoints go; None = <run dir>/checkpoints. A run of several processes (a TPU
+    slice) needs one place every worker sees, e.g. gs://bucket/path: orbax's multi-host save
+    waits for files that each worker writes."""
 
     def validate(self) -> None:
         for key in ("max_steps", "global_batch_size", "log_every", "eval_iters", "keep_checkpoints"):
@@ -153,10 +157,11 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config_resolved.yaml").write_text(config_lib.to_yaml(cfg))
         _point_latest(run_dir)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+    checkpointer = Checkpointer(cfg.train.checkpoint_dir or str(run_dir / "checkpoints"), cfg.train.checkpoint_every,
+                                cfg.train.keep_checkpoints)
     resume_step = checkpointer.latest_step() if info.resume else None
     if info.resume and resume_step is None:
-        raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        raise ConfigError(f"--resume: no checkpoint in {checkpointer.directory}")
     tracker = Tracker(run_dir, cfg.wandb, config_lib.to_dict(cfg), active=main, resume_step=resume_step)
     console = Console(cfg.train.max_steps, resume_step or 0, active=main)
     stop = _StopFlag()
@@ -165,7 +170,7 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> dict[str, Any]:
         state = task.state
         if resume_step is not None:
             state = checkpointer.restore(resume_step, state)
-            console.print(f"resumed from step {resume_step} ({run_dir / 'checkpoints'})")
+            console.print(f"resumed from step {resume_step} ({checkpointer.directory})")
         result["status"] = _loop(task, state, cfg.train, tracker, console, checkpointer, stop, result)
     except BaseException as e:  # the summary must say why a run died, whatever killed it
         result["status"] = "failed"
@@ -182,7 +187,7 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> dict[str, Any]:
             eval_losses=[{"step": s, "loss": v} for s, v in eval_losses],
             best_eval_loss=(dict(zip(("step", "loss"), min(eval_losses, key=lambda e: e[1])))
                             if eval_losses else None),
-            checkpoint_dir=str((run_dir / "checkpoints").absolute()),
+            checkpoint_dir=checkpointer.directory,
             latest_checkpoint_step=checkpointer.latest_step(),
             wandb=tracker.wandb_summary(),
             finished_at=_iso(time.time()),

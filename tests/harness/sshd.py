@@ -15,6 +15,8 @@ setup) inside its own namespaces, made with `unshare --mount --propagation priva
     layer is a per-host tmpfs: writes land in the host only.
   * `/tmp`, `/var/tmp`, `/dev/shm` and `/run` are fresh per-host tmpfs directories.
   * Everything else (`/usr`, `/etc`, `/work`, the repository) is the test machine's, shared.
+  * `/etc/hosts` is the machine's plus a line naming the host's own address, so its hostname
+    resolves (gloo, under jax.distributed on CPU, needs that).
   Nothing is mounted on the test machine itself: the mounts exist only inside the namespace, which
   the kernel tears down when its last process exits.
 - pid: processes started over SSH (including detached `nohup ... &` ones) see only their host's
@@ -81,6 +83,7 @@ mount -c -t tmpfs -o mode=0755 mllm-vm fs || fail "cannot mount a tmpfs (needs r
 (cd fs && mkdir root.upper root.work tmp vartmp shm run run/sshd run/mllm-sshd && chmod 1777 tmp vartmp shm) \
   || fail "mkdir in the tmpfs failed"
 mount -c --bind . fs/run/mllm-sshd || fail "cannot bind the state dir"
+mount -c --bind hosts /etc/hosts || fail "cannot bind a private /etc/hosts"
 cd fs || fail "cannot enter the tmpfs"
 mount -c -t overlay overlay -o lowerdir=/root,upperdir=root.upper,workdir=root.work /root \
   || fail "cannot mount an overlay on /root (kernel overlayfs support needed)"
@@ -169,6 +172,9 @@ class SshHost:
             self._host_public_key_line = key.with_name(key.name + ".pub").read_text().strip()
             self.authorized_keys_path.touch(mode=0o600)
             self._write_config(log_level, extra_config)
+            # The host's name resolves to its address, as on a VM (gloo, used by jax.distributed
+            # on CPU, looks its own hostname up to pick the interface it listens on).
+            (self._state / "hosts").write_text(Path("/etc/hosts").read_text() + f"{self.ip} {self._hostname}\n")
         except BaseException:
             self._lease.release()
             if hasattr(self, "_state"):

@@ -1,0 +1,150 @@
+"""End-to-end: sync the user's exact commit, launch nanoGPT detached on 1 and 2 sshd "workers"
+(two processes joined by jax.distributed across two hosts, each with its own filesystem), follow,
+status, logs, stop and fetch-summary, all through the real `mllm` CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import MLLM, REPO, SHAKESPEARE, launcher_env, mllm
+from harness.sshd import SshCluster
+from test_launcher_ssh import ZONE, Slice
+
+# A config path and a branch name that a careless shell would execute.
+WEIRD_CONFIG = "configs/it's a $(touch pwned-config) test.yaml"
+WEIRD_BRANCH = "feature/it's-$(touch${IFS}pwned-ref)"  # git allows no spaces in branch names
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    cluster = SshCluster(2).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture()
+def bucket():
+    """A directory every sshd host sees (only /root, /tmp, /run... are private): a stand-in for
+    the gs:// bucket that multi-host checkpoints need."""
+    path = Path(tempfile.mkdtemp(prefix="mllm-bucket-", dir="/srv"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    """The user's checkout: a clone of this project plus one committed config with a nasty name."""
+    clone = tmp_path / "my checkout"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    git = lambda *a: subprocess.run(["git", "-C", str(clone), *a], check=True, capture_output=True)  # noqa: E731
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    smoke = (REPO / "configs" / "nanogpt" / "cpu_smoke.yaml").read_text()
+    (clone / WEIRD_CONFIG).write_text(smoke + f"data:\n  path: {SHAKESPEARE}\n")
+    git("add", "-A")
+    git("commit", "-qm", "weird config")
+    git("branch", WEIRD_BRANCH)
+    return clone
+
+
+def head(repo) -> str:
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def test_launch_on_one_and_two_workers(tmp_path, hosts, repo, bucket):
+    with Slice(hosts).api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        run = lambda *a, **kw: mllm(*a, cwd=repo, env=env, timeout=300, **kw)  # noqa: E731
+
+        # One worker.
+        assert run("vm", "create", "solo", "--zone", ZONE, "--type", "v6e-8").returncode == 0
+        assert run("bootstrap", "--python", sys.executable).returncode == 0
+        one = run("launch", "nanogpt", "--config", WEIRD_CONFIG, "--set", "train.max_steps=20", "--follow")
+        assert one.returncode == 0, one.stdout + one.stderr
+        assert "[w0] step 20/20" in one.stdout and "full" in one.stdout
+        fetched = run("fetch-summary")
+        assert fetched.returncode == 0, fetched.stderr
+        run_id = fetched.stdout.split(":")[0]
+        summary = json.loads((repo / "runs" / run_id / "run_summary.json").read_text())
+        assert summary["git"]["commit"] == head(repo) and summary["process_count"] == 1
+        assert run("vm", "delete", "--yes").returncode == 0
+
+        # Two workers: one process each, joined through worker 0's coordinator.
+        assert run("vm", "create", "pair", "--zone", ZONE, "--type", "v6e-16").returncode == 0
+        assert run("bootstrap", "--python", sys.executable).returncode == 0
+        bad = run("sync", "--ref", "main $(touch pwned-badref)")
+        assert bad.returncode == 2 and bad.stderr.startswith("error: --ref main $(touch pwned-badref): not a commit")
+        synced = run("sync", "--ref", WEIRD_BRANCH)
+        assert synced.returncode == 0, synced.stderr
+        assert sorted(line.split()[1] for line in synced.stdout.splitlines()) == [head(repo)[:12]] * 2
+        two = run("launch", "nanogpt", "--config", WEIRD_CONFIG, "--set", "train.max_steps=20",
+                  "--set", f"train.checkpoint_dir={bucket}/ckpt", "--follow")
+        assert two.returncode == 0, two.stdout + two.stderr
+        assert "[w0] step 20/20" in two.stdout and "[w1] step 20/20" not in two.stdout  # only process 0 logs steps
+        status = json.loads(run("status", "--json").stdout)
+        assert [(w["worker"], w["state"], w["last_step"]) for w in status["workers"]] == [(0, "exited 0", 20), (1, "exited 0", None)]
+        logs = run("logs", "--worker", "all")
+        assert "[w0] eval step 20: eval/loss" in logs.stdout and "[w1]" in logs.stdout
+        fetched = run("fetch-summary", "--dest", str(tmp_path / "results"))
+        assert fetched.returncode == 0, fetched.stderr
+        run_id = fetched.stdout.split(":")[0]
+        summary = json.loads((tmp_path / "results" / run_id / "run_summary.json").read_text())
+        assert summary["git"]["commit"] == head(repo) and summary["git"]["dirty"] is False
+        assert summary["process_count"] == 2 and summary["device_count"] == 2 and summary["status"] == "completed"
+        assert (tmp_path / "results" / run_id / "metrics.jsonl").is_file()
+        assert summary["checkpoint_dir"] == f"{bucket}/ckpt" and (bucket / "ckpt" / "20").is_dir()
+        index = json.loads(run("runs", "--json").stdout)
+        assert {e["vm"] for e in index} == {"solo", "pair"}
+        assert run("vm", "delete", "--yes").returncode == 0
+
+    assert not list(repo.glob("pwned*")) and not list(tmp_path.glob("pwned*"))
+
+
+def test_killing_the_client_leaves_the_job_running_until_stop(tmp_path, hosts, repo):
+    with Slice(hosts).api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
+        assert run("vm", "create", "long", "--zone", ZONE, "--type", "v6e-8").returncode == 0
+        assert run("bootstrap", "--python", sys.executable).returncode == 0
+        follower = subprocess.Popen(
+            [MLLM, "launch", "nanogpt", "--config", WEIRD_CONFIG, "--set", "train.max_steps=100000",
+             "--set", "train.log_every=5", "--follow"], cwd=repo, env=env, stdout=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        for line in follower.stdout:
+            if "step 10/" in line or time.time() > deadline:
+                break
+        follower.send_signal(signal.SIGKILL)  # the laptop goes away mid-follow
+        follower.wait()
+        status = json.loads(run("status", "--json").stdout)
+        assert status["workers"][0]["state"] == "running"
+        again = run("launch", "nanogpt", "--config", WEIRD_CONFIG)
+        assert again.returncode == 2 and "a job is still running there" in again.stderr
+        stopped = run("stop")
+        assert stopped.returncode == 0 and "stopped (exit 143)" in stopped.stdout, stopped.stdout
+        status = json.loads(run("status", "--json").stdout)
+        assert status["workers"][0]["state"] == "exited 143"
+        summary = json.loads((run("fetch-summary") and (repo / "runs" / status["run"] / "run_summary.json")).read_text())
+        assert summary["status"] == "stopped" and summary["latest_checkpoint_step"] == summary["final_step"]
+        assert run("vm", "delete", "--yes").returncode == 0
+
+
+def test_local_launch_needs_no_cloud(tmp_path):
+    env = {k: v for k, v in launcher_env(tmp_path, "http://127.0.0.1:9").items() if k != "MLLM_TPU_API_ENDPOINT"}
+    out = mllm("launch", "nanogpt", "--local", "--config", str(REPO / "configs" / "nanogpt" / "cpu_smoke.yaml"),
+               "--set", f"data.path={SHAKESPEARE}", "--set", "train.max_steps=20", "--follow", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[local] step 20/20" in out.stdout
+    status = json.loads(mllm("status", "--local", "--json", cwd=tmp_path, env=env).stdout)
+    assert status["workers"][0]["state"] == "exited 0"
+    fetched = mllm("fetch-summary", "--local", cwd=tmp_path, env=env)
+    assert fetched.returncode == 0 and "completed at step 20" in fetched.stdout
+    assert (tmp_path / "runs" / status["run"] / "logs" / "worker-0.log").is_file()
