@@ -34,14 +34,16 @@ def hosts():
 @pytest.fixture()
 def bucket():
     """A directory every sshd host sees (only /root, /tmp, /run... are private): a stand-in for
-    the gs:// bucket that multi-host checkpoints need."""
+    the shared storage that holds the data and multi-host checkpoints. The data is copied
+    there because the shared data dir may itself sit under a private /tmp."""
     path = Path(tempfile.mkdtemp(prefix="mllm-bucket-", dir="/srv"))
+    shutil.copy(SHAKESPEARE, path / "input.txt")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture()
-def repo(tmp_path):
+def repo(tmp_path, bucket):
     """The user's checkout: a clone of this project plus one committed config with a nasty name."""
     clone = tmp_path / "my checkout"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
@@ -49,7 +51,7 @@ def repo(tmp_path):
     git("config", "user.email", "t@example.com")
     git("config", "user.name", "t")
     smoke = (REPO / "configs" / "nanogpt" / "cpu_smoke.yaml").read_text()
-    (clone / WEIRD_CONFIG).write_text(smoke + f"data:\n  path: {SHAKESPEARE}\n")
+    (clone / WEIRD_CONFIG).write_text(smoke + f"data:\n  path: {bucket / 'input.txt'}\n")
     git("add", "-A")
     git("commit", "-qm", "weird config")
     git("branch", WEIRD_BRANCH)
