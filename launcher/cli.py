@@ -362,6 +362,17 @@ def _targets(local: bool, vm: Optional[str], zone: Optional[str], project: Optio
     return [jobs.RemoteTarget(v.conns, w) for w in ssh.select_workers(v.workers, worker)], v
 
 
+@contextlib.contextmanager
+def _run_on(run: Optional[str], local: bool, vm: Optional[str], zone: Optional[str], project: Optional[str],
+            internal_ip: bool, worker: str, user: str):  # type: ignore[no-untyped-def]
+    """(targets, vm or None, run id) for commands about one run; the run defaults to runs/latest."""
+    from launcher import jobs
+
+    targets, v = _targets(local, vm, zone, project, internal_ip, worker, user)
+    with (v.conns if v else contextlib.nullcontext()):
+        yield targets, v, run or jobs.latest_run(targets[0])
+
+
 def _repo_root() -> "Path":  # noqa: F821
     import subprocess
     from pathlib import Path
@@ -499,10 +510,8 @@ def status_cmd(run: Optional[str] = RunArg, local: bool = LocalOpt, vm: Optional
 
     from launcher import jobs, ssh
 
-    targets, v = _targets(local, vm, zone, project, internal_ip, worker, user)
-    with (v.conns if v else contextlib.nullcontext()):
-        run_id = run or jobs.latest_run(targets[0])
-        found = ssh.fan_out(targets, lambda t: jobs.status(t, run_id)) if v else {0: jobs.status(targets[0], run_id)}
+    with _run_on(run, local, vm, zone, project, internal_ip, worker, user) as (targets, _, run_id):
+        found = ssh.fan_out(targets, lambda t: jobs.status(t, run_id))
     if as_json:
         typer.echo(json.dumps({"run": run_id, "workers": [asdict(s) for s in found.values()]}, indent=2))
         return
@@ -517,16 +526,14 @@ def logs_cmd(run: Optional[str] = RunArg, local: bool = LocalOpt, vm: Optional[s
              internal_ip: bool = InternalOpt, user: str = UserOpt,
              follow_logs: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")) -> None:
     """Print the run's logs, `[wK]`-prefixed; -f follows them until the job ends."""
-    from launcher import jobs
+    import shlex
 
-    targets, v = _targets(local, vm, zone, project, internal_ip, worker, user)
-    with (v.conns if v else contextlib.nullcontext()):
-        run_id = run or jobs.latest_run(targets[0])
+    with _run_on(run, local, vm, zone, project, internal_ip, worker, user) as (targets, _, run_id):
         if follow_logs:
             _stream_all(targets, run_id, until_exit=True)
         else:
             for t in targets:
-                code, out = t.sh(f"cat {t.repo}/runs/{run_id}/logs/worker-{t.index}.log")
+                code, out = t.sh(f"cat {t.repo}/runs/{shlex.quote(run_id)}/logs/worker-{t.index}.log")
                 if code:
                     raise LauncherError(f"{t.label}: no log for run {run_id}")
                 for line in out.splitlines():
@@ -541,9 +548,7 @@ def stop_cmd(run: Optional[str] = RunArg, local: bool = LocalOpt, vm: Optional[s
     """Stop the run on every worker: TERM (the trainer checkpoints), then KILL after --grace."""
     from launcher import jobs, ssh
 
-    targets, v = _targets(local, vm, zone, project, internal_ip, worker, user)
-    with (v.conns if v else contextlib.nullcontext()):
-        run_id = run or jobs.latest_run(targets[0])
+    with _run_on(run, local, vm, zone, project, internal_ip, worker, user) as (targets, _, run_id):
         done = ssh.fan_out(targets, lambda t: jobs.stop(t, run_id, grace))
     for t in targets:
         ssh.emit(t.label, f"{run_id}: {done[t.index]}")
@@ -556,11 +561,9 @@ def fetch_summary_cmd(run: Optional[str] = RunArg, dest: str = typer.Option("run
     """Copy run_summary.json, the resolved config and metrics.jsonl home; index the run."""
     from pathlib import Path
 
-    from launcher import jobs, runs
+    from launcher import runs
 
-    targets, v = _targets(local, vm, zone, project, internal_ip, "0", user)
-    with (v.conns if v else contextlib.nullcontext()):
-        run_id = run or jobs.latest_run(targets[0])
+    with _run_on(run, local, vm, zone, project, internal_ip, "0", user) as (targets, v, run_id):
         summary = (runs.fetch(targets[0], run_id, Path(dest)) if not local
                    else json.loads((Path("runs") / run_id / "run_summary.json").read_text()))
     entry = runs.record(run_id, summary, v.name if v else None, v.zone if v else None,

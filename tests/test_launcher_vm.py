@@ -47,9 +47,10 @@ def test_create_list_describe_delete(tmp_path, api):
     (auto_name,) = [n.rsplit("/", 1)[-1] for n in api.nodes if not n.endswith("/demo")]
     assert auto_name.startswith("mllm-v5litepod-4-") and api.node(auto_name)["runtimeVersion"] == "v2-alpha-tpuv5-lite"
 
+    before = len(api.requests)
     queued = mllm("vm", "create", "later", "--zone", "us-east1-d", "--type", "v6e-8", "--async", cwd=tmp_path, env=env)
     assert queued.returncode == 0 and "requested later" in queued.stdout
-    assert api.node("later")["state"] == "CREATING"
+    assert not any("/operations/" in r.path for r in api.requests[before:]), "--async must not wait"
     api.finish_operations()
     assert mllm("vm", "delete", "--vm", "later", "--yes", cwd=tmp_path, env=env).returncode == 0
 
