@@ -482,9 +482,16 @@ def launch_cmd(
         run_id = jobs.new_run_id(recipe, sha)
         coordinator = f"{v.internal_ips[targets[0].index]}:{jobs.COORDINATOR_PORT}" if v else None
         spec = jobs.LaunchSpec(recipe, config_arg, list(overrides), run_id, env_file, coordinator, len(targets))
-        for t in targets:
-            jobs.start(t, spec)
-            ssh.emit(t.label, f"started {run_id} (process {t.index} of {len(targets)})")
+        started: list[jobs.Target] = []
+        try:
+            for process_id, t in enumerate(targets):
+                jobs.start(t, spec, process_id)
+                started.append(t)
+                ssh.emit(t.label, f"started {run_id} (process {process_id} of {len(targets)})")
+        except LauncherError:  # nothing half-started: the others would wait for the missing one forever
+            for t in started:
+                ssh.emit(t.label, f"stopping {run_id}: {jobs.stop(t, run_id, grace=5)}")
+            raise
         typer.echo(f"run {run_id}: follow with `mllm logs -f{' --local' if local else ''}`, "
                    f"results with `mllm fetch-summary{' --local' if local else ''}`")
         if follow_logs:

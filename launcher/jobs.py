@@ -117,8 +117,9 @@ class LaunchSpec:
     num_processes: int
 
 
-def start(t: Target, spec: LaunchSpec) -> None:
-    """Start the job on one target, detached in its own session (it outlives the connection)."""
+def start(t: Target, spec: LaunchSpec, process_id: int = 0) -> None:
+    """Start process `process_id` of the job on one target, detached in its own session (it
+    outlives the connection)."""
     k = t.index
     run = f"runs/{spec.run_id}"
     train = ['"$PY"', "-m", "mllm_jax", "train", shlex.quote(spec.recipe), "--config", shlex.quote(spec.config),
@@ -130,7 +131,7 @@ def start(t: Target, spec: LaunchSpec) -> None:
     env = ""
     if spec.num_processes > 1:
         env = (f"export MLLM_COORDINATOR_ADDRESS={shlex.quote(spec.coordinator or '')} "
-               f"MLLM_NUM_PROCESSES={spec.num_processes} MLLM_PROCESS_ID={k}\n")
+               f"MLLM_NUM_PROCESSES={spec.num_processes} MLLM_PROCESS_ID={process_id}\n")
     # The job script: forwards TERM/INT to the trainer (which checkpoints and exits 143) and
     # always records the exit code.
     job = f"""PY={t.python}
