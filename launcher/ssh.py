@@ -4,6 +4,7 @@ worker, keepalives, connect retries, and parallel fan-out with `[wK]`-prefixed o
 from __future__ import annotations
 
 import base64
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -142,18 +143,23 @@ def run(conns: Connections, w: Worker, command: str, on_line: Callable[[str], No
     chan = conns.client(w).get_transport().open_session()
     chan.set_combine_stderr(True)
     chan.exec_command(command)
+    chan.settimeout(0.2)
     pending = b""
-    while not (chan.exit_status_ready() and not chan.recv_ready()):
+    # Read to EOF, not to the exit status: sshd may report the exit before the last output.
+    while True:
         if cancel is not None and cancel.is_set():
             chan.close()
             return 130
-        if chan.recv_ready():
-            pending += chan.recv(65536)
-            *lines, pending = pending.split(b"\n")
-            for raw in lines:
-                sink(raw.decode(errors="replace").rstrip("\r"))
-        else:
-            time.sleep(0.005)
+        try:
+            data = chan.recv(65536)
+        except socket.timeout:
+            continue
+        if not data:
+            break
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            sink(raw.decode(errors="replace").rstrip("\r"))
     if pending:
         sink(pending.decode(errors="replace").rstrip("\r"))
     return chan.recv_exit_status()
