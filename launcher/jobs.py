@@ -12,7 +12,6 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ class Target(Protocol):
     def sh(self, script: str) -> tuple[int, str]:
         """Run a shell script; (exit code, combined output)."""
 
-    def stream(self, script: str, on_line: Callable[[str], None], cancel: threading.Event | None = None) -> int:
+    def stream(self, script: str, on_line: Callable[[str], None]) -> int:
         """Run a shell script, passing each output line on as it comes."""
 
 
@@ -58,8 +57,8 @@ class RemoteTarget:
     def sh(self, script: str) -> tuple[int, str]:
         return ssh.capture(self.conns, self.worker, f"sh -c {shlex.quote(script)}")
 
-    def stream(self, script: str, on_line: Callable[[str], None], cancel: threading.Event | None = None) -> int:
-        return ssh.run(self.conns, self.worker, f"sh -c {shlex.quote(script)}", on_line=on_line, cancel=cancel)
+    def stream(self, script: str, on_line: Callable[[str], None]) -> int:
+        return ssh.run(self.conns, self.worker, f"sh -c {shlex.quote(script)}", on_line=on_line)
 
 
 @dataclass
@@ -80,12 +79,10 @@ class LocalTarget:
         out = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
         return out.returncode, (out.stdout + out.stderr).rstrip("\n")
 
-    def stream(self, script: str, on_line: Callable[[str], None], cancel: threading.Event | None = None) -> int:
+    def stream(self, script: str, on_line: Callable[[str], None]) -> int:
         proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             on_line(line.rstrip("\n"))
-            if cancel is not None and cancel.is_set():
-                proc.terminate()
         return proc.wait()
 
 
@@ -192,13 +189,13 @@ tail -n 1 {run}/logs/worker-{k}.log 2>/dev/null | sed 's/^/LAST /'""")
 
 
 def follow(t: Target, run_id: str, on_line: Callable[[str], None], from_line: int = 1,
-           until_exit: bool = True, cancel: threading.Event | None = None) -> int:
+           until_exit: bool = True) -> int:
     """Stream a worker's log from line `from_line`; with `until_exit`, stop when the job ends."""
     run = f"runs/{shlex.quote(run_id)}"
     k = t.index
     pid_opt = f'--pid="$(cat {run}/worker-{k}.pid)"' if until_exit else ""
     return t.stream(f"cd {t.repo} && exec tail -n +{from_line} -F {pid_opt} {run}/logs/worker-{k}.log 2>/dev/null",
-                    on_line, cancel)
+                    on_line)
 
 
 def exit_code(t: Target, run_id: str) -> int | None:
