@@ -25,3 +25,31 @@ def adamw(schedule: optax.Schedule, b1: float, b2: float, weight_decay: float, g
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay, mask=decay_mask))
     return optax.chain(*parts)
+
+
+def warmup_decay(learning_rate: float, warmup_steps: int, total_steps: int, kind: str) -> optax.Schedule:
+    """Hugging Face's schedules: linear warmup from 0, then "linear" or "cosine" decay to 0 at
+    `total_steps` (get_linear/cosine_schedule_with_warmup), or "constant" after warmup."""
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if kind == "cosine":
+        after = optax.cosine_decay_schedule(learning_rate, decay_steps)
+    elif kind == "linear":
+        after = optax.linear_schedule(learning_rate, 0.0, decay_steps)
+    else:
+        after = optax.constant_schedule(learning_rate)
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), after], [warmup_steps])
+
+
+def optimizer(name: str, schedule: optax.Schedule, b1: float, b2: float, weight_decay: float,
+              grad_clip: float) -> optax.GradientTransformation:
+    """"adamw", "lion" (decoupled weight decay on ndim >= 2 params) or plain "sgd", after
+    clipping the global gradient norm (0 = no clipping)."""
+    if name == "adamw":
+        return adamw(schedule, b1, b2, weight_decay, grad_clip)
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    if name == "lion":
+        decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+        parts.append(optax.lion(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
+    else:
+        parts.append(optax.sgd(schedule))
+    return optax.chain(*parts)

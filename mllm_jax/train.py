@@ -1,4 +1,4 @@
-"""`train RECIPE`: load the config, join the other processes, build the mesh, run the loop.
+"""`train RECIPE` (and `tiny-model DIR`): load the config, join the other processes, build the mesh, run the loop.
 
 Both `python -m mllm_jax train` (on a VM) and the laptop's `mllm train` end up in `train()`.
 """
@@ -51,11 +51,11 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
         )
     runtime.tune_host_allocator()
     mesh = runtime.make_mesh(cfg.jax.mesh_shape)
-    runtime.check_batch(cfg.train.global_batch_size, mesh)
+    make_task = module.build(cfg, mesh)  # bad input is refused here, before the run dir exists
     run_dir = trainer.resolve_run_dir(recipe, cfg.output_dir, resume)
     cfg.output_dir = str(run_dir)
     info = trainer.RunInfo(recipe=recipe, run_dir=run_dir, config=cfg, config_path=config, mesh=mesh, resume=resume)
-    result = trainer.run(info, lambda: module.build(cfg, mesh))
+    result = trainer.run(info, make_task)
     if result["status"] == "stopped":
         return 128 + signal.SIGTERM
     return 0
@@ -72,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--env-file", help="KEY=VALUE file to load (default: ./.env if present)")
+    t = sub.add_parser("tiny-model", help="write a tiny random Qwen2 in Hugging Face format (for CPU smoke runs)")
+    t.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer.json)")
     args = parser.parse_args(argv)
+    if args.command == "tiny-model":
+        from mllm_jax.models.tiny import write_tiny_model
+
+        print(f"wrote a tiny random Qwen2 to {write_tiny_model(args.out_dir)}")
+        return 0
     return run_cli(lambda: train(args.recipe, args.config, args.overrides, args.resume, args.print_config,
                                  args.env_file))
 

@@ -26,27 +26,12 @@ from mllm_jax.tracking import Console, Tracker, format_eta
 
 
 @dataclass
-class TrainConfig:
-    max_steps: int = 2000
-    """Optimizer updates to run in total (a resumed run continues up to this)."""
-    global_batch_size: int = 12
-    """Sequences per update, over all devices and processes."""
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    """The cosine schedule ends here."""
-    warmup_steps: int = 100
-    lr_decay_steps: int | None = None
-    """Step at which the cosine reaches min_lr; None = max_steps."""
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0 = no clipping."""
+class LoopConfig:
+    """The loop's own keys; each recipe's `train` section extends this with its optimizer and batch."""
+
     log_every: int = 10
     eval_every: int = 250
     """Evaluate every N steps (and always at the end); 0 = only at the end."""
-    eval_iters: int = 20
-    """Batches per evaluation (the same held-out batches every time)."""
     checkpoint_every: int = 500
     """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
@@ -56,10 +41,10 @@ class TrainConfig:
     waits for files that each worker writes."""
 
     def validate(self) -> None:
-        for key in ("max_steps", "global_batch_size", "log_every", "eval_iters", "keep_checkpoints"):
+        for key in ("log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: expected a positive integer, got {getattr(self, key)}")
-        for key in ("warmup_steps", "eval_every", "checkpoint_every"):
+        for key in ("eval_every", "checkpoint_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: expected an integer >= 0, got {getattr(self, key)}")
 
@@ -70,6 +55,9 @@ class Task(Protocol):
     state: Any
     """The train state (a pytree of sharded arrays); `state["step"]` counts updates."""
 
+    max_steps: int
+    """Updates in the whole run (a recipe may derive it, e.g. from epochs over its data)."""
+
     def train_step(self, state: Any, step: int) -> tuple[Any, dict[str, jax.Array]]:
         """One update on training batch number `step`: new state and scalar metrics."""
 
@@ -78,7 +66,9 @@ class Task(Protocol):
 
     def learning_rate(self, step: int) -> float: ...
 
-    tokens_per_step: int
+    def tokens(self, step: int) -> int:
+        """Tokens the update number `step` computes on (padding included: it costs compute)."""
+
     flops_per_token: float
 
     def finish(self, state: Any, console: Console) -> dict[str, Any]:
@@ -163,10 +153,11 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> dict[str, Any]:
     if info.resume and resume_step is None:
         raise ConfigError(f"--resume: no checkpoint in {checkpointer.directory}")
     tracker = Tracker(run_dir, cfg.wandb, config_lib.to_dict(cfg), active=main, resume_step=resume_step)
-    console = Console(cfg.train.max_steps, resume_step or 0, active=main)
+    console: Console | None = None
     stop = _StopFlag()
     try:
         task = make_task()
+        console = Console(task.max_steps, resume_step or 0, active=main)
         state = task.state
         if resume_step is not None:
             state = checkpointer.restore(resume_step, state)
@@ -180,7 +171,8 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> dict[str, Any]:
         raise
     finally:
         stop.restore()
-        console.close()
+        if console is not None:
+            console.close()
         checkpointer.close()
         eval_losses = tracker.values("eval/loss")
         result.update(
@@ -199,47 +191,49 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> dict[str, Any]:
     return result
 
 
-def _loop(task: Task, state: Any, cfg: TrainConfig, tracker: Tracker, console: Console,
+def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Console,
           checkpointer: Checkpointer, stop: _StopFlag, result: dict[str, Any]) -> str:
     step = int(jax.device_get(state["step"]))
-    first_step = step
+    first_step, max_steps = step, task.max_steps
     peak = runtime.peak_flops_per_second()
-    timed_steps, timed_seconds = 0, 0.0
-    t_mark, step_mark = time.perf_counter(), step
+    step_times: list[tuple[float, int]] = []  # (seconds per step, steps) of each timed log interval
+    timed_tokens = 0
+    t_mark, step_mark, tokens_mark = time.perf_counter(), step, 0
     metrics: dict[str, jax.Array] = {}
     last_eval_step = None
     status = "completed"
 
-    while step < cfg.max_steps:
+    while step < max_steps:
         state, metrics = task.train_step(state, step)
+        tokens_mark += task.tokens(step)
         step += 1
         if step == first_step + 1:
             jax.block_until_ready(metrics)  # the first step compiles: keep it out of the timings
-            t_mark, step_mark = time.perf_counter(), step
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            t_mark, step_mark, tokens_mark = time.perf_counter(), step, 0
+        if step % cfg.log_every == 0 or step == max_steps:
             values = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
             values["train/lr"] = task.learning_rate(step - 1)
             now = time.perf_counter()
             if step > step_mark:
                 dt = (now - t_mark) / (step - step_mark)
-                timed_steps += step - step_mark
-                timed_seconds += now - t_mark
+                step_times.append((dt, step - step_mark))
+                timed_tokens += tokens_mark
                 values["perf/step_time_sec"] = dt
-                values["perf/tokens_per_sec"] = task.tokens_per_step / dt
-                values["perf/mfu"] = task.flops_per_token * task.tokens_per_step / dt / peak
-            t_mark, step_mark = now, step
+                values["perf/tokens_per_sec"] = tokens_mark / (now - t_mark)
+                values["perf/mfu"] = task.flops_per_token * values["perf/tokens_per_sec"] / peak
+            t_mark, step_mark, tokens_mark = now, step, 0
             tracker.log(step, values)
-            console.print(_log_line(step, cfg.max_steps, values, timed_seconds / max(timed_steps, 1)))
+            console.print(_log_line(step, max_steps, values, _mean_step_time(step_times)))
             if stop.any_process():
                 status = "stopped"
         console.advance(step)
-        if status != "stopped" and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+        if status != "stopped" and ((cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps):
             evals = task.evaluate(state)
             tracker.log(step, evals)
             console.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
             last_eval_step = step
-            t_mark, step_mark = time.perf_counter(), step  # evaluation time is not step time
-        checkpointer.maybe_save(step, state, force=step == cfg.max_steps or status == "stopped")
+            t_mark, step_mark, tokens_mark = time.perf_counter(), step, 0  # evaluation time is not step time
+        checkpointer.maybe_save(step, state, force=step == max_steps or status == "stopped")
         if status == "stopped":
             console.print(f"stop requested (signal {stop.signal}): checkpoint saved at step {step}")
             break
@@ -248,13 +242,24 @@ def _loop(task: Task, state: Any, cfg: TrainConfig, tracker: Tracker, console: C
         result["final_train_loss"] = float(jax.device_get(metrics["loss"]))
     result["final_step"] = step
     result["last_eval_step"] = last_eval_step
-    if timed_steps:
-        result["tokens_per_sec"] = task.tokens_per_step * timed_steps / timed_seconds
-        result["step_time_sec"] = timed_seconds / timed_steps
+    if step_times:
+        timed_seconds = sum(dt * n for dt, n in step_times)
+        result["tokens_per_sec"] = timed_tokens / timed_seconds
+        result["step_time_sec"] = _mean_step_time(step_times)
         result["mfu"] = task.flops_per_token * result["tokens_per_sec"] / peak
+        per_step = sorted(dt for dt, _ in step_times)
+        result["step_time_stats"] = {  # over log intervals (single steps with log_every 1), compile excluded
+            "timed_steps": sum(n for _, n in step_times), "intervals": len(per_step),
+            "mean": result["step_time_sec"], "median": float(np.median(per_step)),
+            "min": per_step[0], "max": per_step[-1]}
     if status == "completed":
         result.update(task.finish(state, console))
     return status
+
+
+def _mean_step_time(step_times: list[tuple[float, int]]) -> float:
+    steps = sum(n for _, n in step_times)
+    return sum(dt * n for dt, n in step_times) / steps if steps else 0.0
 
 
 def _log_line(step: int, total: int, v: dict[str, float], sec_per_step: float) -> str:

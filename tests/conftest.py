@@ -15,6 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 SMOKE = REPO / "configs" / "nanogpt" / "cpu_smoke.yaml"
+SFT_SMOKE = REPO / "configs" / "sft" / "cpu_smoke.yaml"
+AMAZON = SHARED_DATA / "MiniOneRec" / "data" / "Amazon"
+INDUSTRIAL_VALID = AMAZON / "valid" / "Industrial_and_Scientific_5_2016-10-2018-11.csv"
+INDUSTRIAL_TEST = AMAZON / "test" / "Industrial_and_Scientific_5_2016-10-2018-11.csv"
+INDUSTRIAL_INDEX = AMAZON / "index" / "Industrial_and_Scientific.index.json"
+INDUSTRIAL_ITEMS = AMAZON / "index" / "Industrial_and_Scientific.item.json"
 
 
 def trainer_env(devices: int = 1, **extra: str) -> dict[str, str]:
@@ -26,14 +32,14 @@ def trainer_env(devices: int = 1, **extra: str) -> dict[str, str]:
     return env
 
 
-def trainer_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mllm_jax", "train", "nanogpt", *args]
+def trainer_cmd(*args: str, recipe: str = "nanogpt") -> list[str]:
+    return [sys.executable, "-m", "mllm_jax", "train", recipe, *args]
 
 
 def run_trainer(*args: str, cwd: Path, devices: int = 1, env: dict[str, str] | None = None,
-                timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(trainer_cmd(*args), cwd=cwd, env=env or trainer_env(devices), capture_output=True,
-                          text=True, timeout=timeout)
+                timeout: float = 300, recipe: str = "nanogpt") -> subprocess.CompletedProcess:
+    return subprocess.run(trainer_cmd(*args, recipe=recipe), cwd=cwd, env=env or trainer_env(devices),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -48,6 +54,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 in HF format, written by the documented command."""
+    out = tmp_path_factory.mktemp("models") / "tiny-qwen2"
+    subprocess.run([sys.executable, "-m", "mllm_jax", "tiny-model", str(out)], check=True, env=trainer_env(),
+                   capture_output=True, timeout=120)
+    return out
+
+
+def sft_args(model_dir: Path, *extra: str) -> list[str]:
+    """CLI args for the SFT smoke config on `model_dir`, with absolute data paths."""
+    sets = {"base_model": model_dir, "data.train_file": INDUSTRIAL_VALID, "data.eval_file": INDUSTRIAL_TEST,
+            "data.sid_index_path": INDUSTRIAL_INDEX, "data.item_meta_path": INDUSTRIAL_ITEMS}
+    args = ["--config", str(SFT_SMOKE)]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    for item in extra:
+        args += ["--set", item]
+    return args
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ sampling into the shared train loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,36 @@ from mllm_jax.data.char import CharDataConfig, CharDataset
 from mllm_jax.models.gpt import GPT, GPTConfig, flops_per_token, num_params
 from mllm_jax.runtime import JaxConfig
 from mllm_jax.tracking import Console, WandbConfig
-from mllm_jax.trainer import TrainConfig
+from mllm_jax.trainer import LoopConfig
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    max_steps: int = 2000
+    """Optimizer updates to run in total (a resumed run continues up to this)."""
+    global_batch_size: int = 12
+    """Sequences per update, over all devices and processes."""
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    """The cosine schedule ends here."""
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None
+    """Step at which the cosine reaches min_lr; None = max_steps."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping."""
+    eval_iters: int = 20
+    """Batches per evaluation (the same held-out batches every time)."""
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("max_steps", "global_batch_size", "eval_iters"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: expected a positive integer, got {getattr(self, key)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps: expected an integer >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -62,6 +91,7 @@ class NanoGPTTask:
         self.schedule = optim.warmup_cosine(t.learning_rate, t.min_lr, t.warmup_steps, t.lr_decay_steps or t.max_steps)
         self.tx = optim.adamw(self.schedule, t.beta1, t.beta2, t.weight_decay, t.grad_clip)
         self.rows = runtime.process_rows(t.global_batch_size)
+        self.max_steps = t.max_steps
         self.tokens_per_step = t.global_batch_size * cfg.model.block_size
         replicated = runtime.replicated(mesh)
         init_key, self.dropout_key = jax.random.split(jax.random.key(cfg.seed))
@@ -101,6 +131,9 @@ class NanoGPTTask:
 
     def learning_rate(self, step: int) -> float:
         return float(self.schedule(step))
+
+    def tokens(self, step: int) -> int:
+        return self.tokens_per_step
 
     def evaluate(self, state: dict[str, Any]) -> dict[str, float]:
         losses = [self._eval_loss(state["params"], batch) for batch in self.eval_batches]
@@ -148,5 +181,7 @@ def generate(model: GPT, params: Any, prompt: list[int], max_new_tokens: int, te
     return [int(i) for i in jax.device_get(out)[len(prompt): total]]
 
 
-def build(cfg: Config, mesh: jax.sharding.Mesh) -> NanoGPTTask:
-    return NanoGPTTask(cfg, mesh)
+def build(cfg: Config, mesh: jax.sharding.Mesh) -> Callable[[], NanoGPTTask]:
+    """Check what can be checked before the run starts; the returned function builds the Task."""
+    runtime.check_batch(cfg.train.global_batch_size, mesh)
+    return lambda: NanoGPTTask(cfg, mesh)

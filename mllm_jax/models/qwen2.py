@@ -1,0 +1,248 @@
+"""The Qwen2 decoder (and Llama, which differs only by config) in Flax: RMSNorm, rotary
+positions, grouped-query attention, SwiGLU MLP, and a KV cache for generation.
+
+Parameter names follow Hugging Face's (models/hf.py maps them 1:1): embed_tokens/embedding,
+layers_{i}/self_attn/{q,k,v,o}_proj/{kernel,bias}, layers_{i}/mlp/{gate,up,down}_proj/kernel,
+layers_{i}/{input,post_attention}_layernorm/scale, norm/scale, lm_head/kernel (untied only).
+Kernels are (in, out), the transpose of torch's Linear weight.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mllm_jax.config import ConfigError
+from mllm_jax.models.gpt import Linear
+
+# Added to masked logits/attention scores: effectively -inf, but finite, so softmax, its
+# gradient and temperature scaling never produce NaN.
+MASK_VALUE = -1e30
+
+
+@dataclass(frozen=True)
+class Qwen2Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    """None: hidden_size // num_attention_heads."""
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True
+    """Biases on q/k/v projections: Qwen2 has them, Llama does not."""
+    max_position_embeddings: int = 32768
+    padded_vocab_size: int | None = None
+    """Rows of the embedding / columns of the head, >= vocab_size (None: vocab_size). The
+    padding lets the vocab dimension split evenly over devices; its logits are masked."""
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.padded_vocab_size is None:
+            object.__setattr__(self, "padded_vocab_size", self.vocab_size)
+        if self.padded_vocab_size < self.vocab_size:
+            raise ConfigError(f"padded_vocab_size={self.padded_vocab_size} is smaller than vocab_size={self.vocab_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_key_value_heads}")
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        # As Hugging Face: normalise in float32, cast back, then scale.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables (B, T, head_dim) for the given positions, in float32."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (B, T, heads, head_dim) rotated Hugging Face's way ("rotate_half": halves, not pairs)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class _Sublayer(nn.Module):
+    cfg: Qwen2Config
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    def dense(self, features: int, bias: bool, name: str) -> Linear:
+        return Linear(features, bias, 0.02, self.dtype, self.param_dtype, name=name)
+
+
+class Attention(_Sublayer):
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
+        """mask (B, T, S) marks the keys each query may see. With kv_cache=(k, v), each
+        (B, S_max, KVH, hd), the new keys/values are written at [index, index+T) and
+        attention runs over the whole cache; returns (y, (k, v) updated or None)."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = self.dense(H * hd, cfg.attention_bias, "q_proj")(x).reshape(B, T, H, hd)
+        k = self.dense(KVH * hd, cfg.attention_bias, "k_proj")(x).reshape(B, T, KVH, hd)
+        v = self.dense(KVH * hd, cfg.attention_bias, "v_proj")(x).reshape(B, T, KVH, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_cache = None
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            new_cache = (k, v)
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        # Grouped-query attention: query heads in KVH groups of G share one key/value head.
+        q = q.reshape(B, T, KVH, H // KVH, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * hd**-0.5
+        scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        y = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * hd)
+        return self.dense(cfg.hidden_size, False, "o_proj")(y), new_cache
+
+
+class MLP(_Sublayer):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        F = self.cfg.intermediate_size
+        h = nn.silu(self.dense(F, False, "gate_proj")(x)) * self.dense(F, False, "up_proj")(x)
+        return self.dense(self.cfg.hidden_size, False, "down_proj")(h)
+
+
+class DecoderLayer(_Sublayer):
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
+        norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
+        y, new_cache = Attention(self.cfg, self.dtype, self.param_dtype, name="self_attn")(
+            norm("input_layernorm")(x), cos, sin, mask, kv_cache, index)
+        x = x + y
+        x = x + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(x))
+        return x, new_cache
+
+
+def init_cache(cfg: Qwen2Config, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> dict:
+    """An empty KV cache for `max_len` positions: {"k": [L x (B, max_len, KVH, hd)], "v": same,
+    "index": int32 scalar, the next slot to write}. Every array but "index" has the batch on
+    axis 0 (a beam search reorders them with jax.tree.map(lambda a: a[order], ...))."""
+    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    zeros = lambda: [jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)]  # noqa: E731
+    return {"k": zeros(), "v": zeros(), "index": jnp.zeros((), jnp.int32)}
+
+
+class Qwen2(nn.Module):
+    cfg: Qwen2Config
+    dtype: jnp.dtype = jnp.float32
+    """Activations and matmuls."""
+    param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    """Recompute each decoder layer in the backward pass (gradient checkpointing)."""
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+        """Token ids (B, T) -> (logits (B, T, padded_vocab_size) float32, updated cache or None).
+
+        Attention is always causal (by slot); `attention_mask` marks valid keys, (B, T), or
+        (B, max_len) with a cache, e.g. False on left padding. `positions` (B, T) feed the
+        rotary embedding; by default the slot numbers. With a cache the T new tokens occupy
+        slots [index, index+T) and see every valid earlier slot.
+        """
+        cfg = self.cfg
+        B, T = input_ids.shape
+        start = cache["index"] if cache is not None else 0
+        slots = start + jnp.arange(T)
+        if positions is None:
+            positions = jnp.broadcast_to(slots, (B, T))
+        S = cache["k"][0].shape[1] if cache is not None else T
+        mask = jnp.arange(S)[None, :] <= slots[:, None]  # (T, S) causal
+        mask = jnp.broadcast_to(mask, (B, T, S))
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, :].astype(bool)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+
+        embed = nn.Embed(cfg.padded_vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+        x = embed(input_ids)
+        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        new_k, new_v = [], []
+        for i in range(cfg.num_hidden_layers):
+            kv = (cache["k"][i], cache["v"][i]) if cache is not None else None
+            x, kv = layer_cls(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(x, cos, sin, mask, kv, start)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Linear(cfg.padded_vocab_size, False, 0.02, self.dtype, self.param_dtype, name="lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if cfg.padded_vocab_size > cfg.vocab_size:
+            logits = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, MASK_VALUE)
+        new_cache = {"k": new_k, "v": new_v, "index": start + T} if cache is not None else None
+        return logits, new_cache
+
+
+# Sharding rules: the named axes of each weight, by the end of its parameter path.
+_AXES = [
+    (r"embed_tokens/embedding", ("tp", "fsdp")),
+    (r"(q_proj|k_proj|v_proj)/kernel", ("fsdp", "tp")),
+    (r"(q_proj|k_proj|v_proj)/bias", ("tp",)),
+    (r"o_proj/kernel", ("tp", "fsdp")),
+    (r"(gate_proj|up_proj)/kernel", ("fsdp", "tp")),
+    (r"down_proj/kernel", ("tp", "fsdp")),
+    (r"lm_head/kernel", ("fsdp", "tp")),
+]
+
+
+def param_specs(params, mesh: Mesh):
+    """PartitionSpecs over ("dp", "fsdp", "tp") for `params` (arrays or shape structs):
+    fsdp splits the model dimension, tp the heads/hidden/vocab dimension (Megatron style).
+    A dimension that does not divide by its axis size stays whole, so any model fits any mesh."""
+
+    def spec(path, x) -> P:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        axes = next((a for pattern, a in _AXES if re.search(pattern + "$", name)), ())
+        return P(*(a if x.shape[d] % mesh.shape[a] == 0 else None for d, a in enumerate(axes)))
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def num_params(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+def flops_per_token(cfg: Qwen2Config, seq_len: int) -> float:
+    """Training FLOPs per token, as nanoGPT estimates them: 6 per weight of every matmul
+    (the embedding lookup is not one; the LM head, padded columns included, is), plus
+    12 * layers * seq_len * heads * head_dim for attention scores and values (causal
+    masking not subtracted)."""
+    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    matmul_params = L * (D * q + 2 * D * kv + q * D + 3 * D * F) + D * cfg.padded_vocab_size
+    return 6.0 * matmul_params + 12.0 * L * seq_len * q

@@ -1,0 +1,264 @@
+"""Semantic-ID SFT (MiniOneRec): fine-tune a Qwen2-family model from Hugging Face weights on
+next-item, item-alignment and fusion tasks written with SID tokens.
+
+Wires the HF import (weights, tokenizer, SID tokens added), the SID data, and a jitted step
+that accumulates gradients over the whole global batch into the shared train loop; the
+fine-tuned model is exported back to HF files at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mllm_jax import optim, runtime
+from mllm_jax.config import ConfigError
+from mllm_jax.data import sid
+from mllm_jax.models import hf, qwen2
+from mllm_jax.runtime import JaxConfig
+from mllm_jax.tracking import Console, WandbConfig
+from mllm_jax.trainer import LoopConfig
+
+SEQ_MULTIPLE = 64
+"""Sequences are padded to the longest example of their split, rounded up to this: one
+compiled step for the whole run, little padding."""
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    per_device_train_batch_size: int = 4
+    """Sequences per data-parallel device (dp x fsdp) in one micro-batch."""
+    global_batch_size: int = 128
+    """Sequences per update; gradient accumulation = global / (per-device x data-parallel
+    devices), which must divide exactly. The loss is the token mean over the global batch."""
+    learning_rate: float = 3e-4
+    optimizer: Literal["adamw", "lion", "sgd"] = "adamw"
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """After warmup (linear from 0): decay to 0 at the last step, or stay constant."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    """Decoupled, on matrices and embeddings only (adamw, lion)."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping."""
+    max_steps: int | None = None
+    """Updates in total; None = num_train_epochs over the training examples."""
+    num_train_epochs: float = 1.0
+    """Epochs when max_steps is None (the last batch of an epoch may be partial)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass: less memory, ~1/3 more compute."""
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("per_device_train_batch_size", "global_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: expected a positive integer, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps: expected a positive integer or null, got {self.max_steps}")
+        if self.num_train_epochs <= 0 or self.warmup_steps < 0 or self.learning_rate <= 0:
+            raise ConfigError("train: expected num_train_epochs > 0, warmup_steps >= 0 and learning_rate > 0")
+
+
+@dataclass
+class Config:
+    base_model: str = ""
+    """Hugging Face model id (downloaded) or a local directory with config.json, safetensors
+    weights and tokenizer.json."""
+    output_dir: str | None = None
+    """Run directory; None = runs/sft-<UTC time>-<short sha>."""
+    seed: int = 42
+    export_hf: bool = True
+    """Write the fine-tuned model to <run dir>/hf as HF safetensors + config + tokenizer."""
+    data: sid.SidDataConfig = field(default_factory=sid.SidDataConfig)
+    tasks: sid.TasksConfig = field(default_factory=sid.TasksConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    jax: JaxConfig = field(default_factory=JaxConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        if not self.base_model:
+            raise ConfigError("base_model: expected a Hugging Face model id or a local model directory")
+
+
+@dataclass
+class Prepared:
+    """Everything read from disk before the run starts (bad input fails here)."""
+
+    model_dir: Path
+    model_cfg: qwen2.Qwen2Config
+    tokenizer: Any
+    eos_id: int
+    token_extension: dict[str, int]
+    train: sid.TokenizedExamples
+    eval: sid.TokenizedExamples | None
+
+
+def seq_len(examples: sid.TokenizedExamples, max_len: int) -> int:
+    return min(max_len, -(-examples.max_length() // SEQ_MULTIPLE) * SEQ_MULTIPLE)
+
+
+class SFTTask:
+    """The trainer's Task for SID SFT: params sharded by qwen2.param_specs, batches of shape
+    (accumulation, micro-batch, seq) split over (dp, fsdp) on the micro-batch axis."""
+
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh, prep: Prepared):
+        self.cfg, self.mesh, self.prep, t = cfg, mesh, prep, cfg.train
+        self.micro = t.per_device_train_batch_size * runtime.data_parallel_size(mesh)
+        self.accum = t.global_batch_size // self.micro
+        self.rows = runtime.process_rows(self.micro)
+        self.seq = seq_len(prep.train, cfg.data.max_len)
+        self.steps_per_epoch = math.ceil(len(prep.train) / t.global_batch_size)
+        self.max_steps = t.max_steps or math.ceil(t.num_train_epochs * self.steps_per_epoch)
+
+        params, self.model_cfg = hf.load_params(prep.model_dir, prep.model_cfg, mesh, jnp.dtype(cfg.jax.param_dtype),
+                                                vocab_size=prep.token_extension["vocab_size"])
+        self.model = qwen2.Qwen2(self.model_cfg, dtype=jnp.dtype(cfg.jax.compute_dtype),
+                                 param_dtype=jnp.dtype(cfg.jax.param_dtype), remat=t.gradient_checkpointing)
+        self.schedule = optim.warmup_decay(t.learning_rate, t.warmup_steps, self.max_steps, t.lr_schedule)
+        self.tx = optim.optimizer(t.optimizer, self.schedule, t.beta1, t.beta2, t.weight_decay, t.grad_clip)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(self.tx.init)(params)}
+        # Moments follow their params' shardings; scalars (step, counts) are replicated.
+        self.state_shardings = jax.tree.map(
+            lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.ndim else runtime.replicated(mesh),
+            state)
+        # Committed to the same shardings the step returns: the second step must not recompile.
+        self.state = jax.device_put(state, self.state_shardings)
+        self.flops_per_token = qwen2.flops_per_token(self.model_cfg, self.seq)
+        self._train_step = jax.jit(self._update, donate_argnums=0, out_shardings=(self.state_shardings, None))
+        self._eval_sums = jax.jit(self._nll)
+
+    # --- the math --------------------------------------------------------------------------
+    def _nll(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """Summed cross entropy of the target tokens (response + EOS) and their count."""
+        logits, _ = self.model.apply({"params": params}, batch["input_ids"])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["input_ids"][:, 1:])
+        mask = batch["loss_mask"][:, 1:]
+        return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask).astype(jnp.float32)
+
+    def _update(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        params = state["params"]
+        grad_fn = jax.value_and_grad(self._nll, has_aux=True)
+
+        def micro_step(carry: tuple, micro_batch: dict[str, jax.Array]) -> tuple[tuple, None]:
+            loss_sum, count, grads = carry
+            (loss, n), g = grad_fn(params, micro_batch)
+            return (loss_sum + loss, count + n, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.lax.with_sharding_constraint(zeros, self.state_shardings["params"])
+        (loss_sum, count, grads), _ = jax.lax.scan(micro_step, (jnp.float32(0), jnp.float32(0), zeros), batch)
+        count = jnp.maximum(count, 1.0)
+        # Token mean over the whole global batch, not a mean of micro-batch means.
+        grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        return new_state, {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads)}
+
+    # --- batches ---------------------------------------------------------------------------
+    def step_indices(self, step: int) -> np.ndarray:
+        """Example indices of update `step` (-1 = empty filler): a pure function of (seed,
+        step), so a resumed run sees the same batches. Each epoch is a fresh permutation."""
+        g, n = self.cfg.train.global_batch_size, len(self.prep.train)
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)[pos * g:(pos + 1) * g]
+        return np.concatenate([order, np.full(g - len(order), -1)])
+
+    def _train_batch(self, step: int) -> dict[str, jax.Array]:
+        idx = self.step_indices(step).reshape(self.accum, self.micro)[:, self.rows]
+        local = self.prep.train.batch(idx.reshape(-1), self.seq, self.prep.eos_id)
+        sharding = NamedSharding(self.mesh, P(None, runtime.BATCH_AXES))
+        return {k: jax.make_array_from_process_local_data(sharding, v.reshape(self.accum, -1, self.seq),
+                                                          (self.accum, self.micro, self.seq))
+                for k, v in local.items()}
+
+    # --- the Task protocol -----------------------------------------------------------------
+    def train_step(self, state: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        return self._train_step(state, self._train_batch(step))
+
+    def learning_rate(self, step: int) -> float:
+        return float(self.schedule(step))
+
+    def tokens(self, step: int) -> int:
+        return self.cfg.train.global_batch_size * self.seq
+
+    def evaluate(self, state: dict[str, Any]) -> dict[str, float]:
+        """Token-mean loss over the whole held-out split (next-item prompts of data.eval_file)."""
+        data = self.prep.eval
+        if data is None:
+            return {}
+        seq = seq_len(data, self.cfg.data.max_len)
+        order = np.arange(len(data))
+        order = np.concatenate([order, np.full(-len(order) % self.micro, -1)]).reshape(-1, self.micro)
+        sums = []
+        for idx in order:
+            batch = runtime.to_global(data.batch(idx[self.rows], seq, self.prep.eos_id), self.mesh, self.micro)
+            sums.append(self._eval_sums(state["params"], batch))
+        loss, count = np.sum(np.asarray(jax.device_get(sums)), axis=0)
+        return {"eval/loss": float(loss / max(count, 1.0))}
+
+    def finish(self, state: dict[str, Any], console: Console) -> dict[str, Any]:
+        t = self.cfg.train
+        out: dict[str, Any] = {
+            "base_model": self.cfg.base_model,
+            "num_params": qwen2.num_params(state["params"]),
+            "token_extension": self.prep.token_extension | {"padded_vocab_size": self.model_cfg.padded_vocab_size},
+            "train_examples": len(self.prep.train),
+            "eval_examples": len(self.prep.eval) if self.prep.eval is not None else 0,
+            "seq_len": self.seq,
+            "effective_batch": {"global_batch_size": t.global_batch_size,
+                                "per_device_train_batch_size": t.per_device_train_batch_size,
+                                "data_parallel_devices": runtime.data_parallel_size(self.mesh),
+                                "gradient_accumulation_steps": self.accum},
+            "steps_per_epoch": self.steps_per_epoch,
+            "max_steps": self.max_steps,
+        }
+        if self.cfg.export_hf:
+            hf_dir = Path(self.cfg.output_dir) / "hf"
+            hf.save_pretrained(hf_dir, state["params"], self.model_cfg, self.prep.tokenizer, self.prep.model_dir)
+            out["hf_export_dir"] = str(hf_dir.absolute())
+            console.print(f"exported the fine-tuned model to {hf_dir}")
+        return out
+
+
+def prepare(cfg: Config, mesh: jax.sharding.Mesh) -> Prepared:
+    """Read and check the model files and the data; raises ConfigError on bad input."""
+    t = cfg.train
+    micro = t.per_device_train_batch_size * runtime.data_parallel_size(mesh)
+    if t.global_batch_size % micro:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by per_device_train_batch_size "
+            f"x data-parallel devices = {t.per_device_train_batch_size} x {runtime.data_parallel_size(mesh)}")
+    model_dir = hf.resolve_model_dir(cfg.base_model)
+    model_cfg = hf.load_config(model_dir)
+    tokenizer = hf.load_tokenizer(model_dir)
+    eos_id = hf.eos_token_id(model_dir, tokenizer)
+    index = sid.load_index(cfg.data.sid_index_path)
+    tokens = sid.sid_tokens(index)
+    vocab_before = tokenizer.get_vocab_size(with_added_tokens=True)
+    added = hf.add_tokens(tokenizer, tokens)
+    extension = {"sid_tokens": len(tokens), "added_tokens": added, "tokenizer_size_before": vocab_before,
+                 "embedding_rows_before": model_cfg.vocab_size,
+                 "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}
+    train = sid.tokenize(sid.build_examples(cfg.data, cfg.tasks, "train", cfg.seed), tokenizer, eos_id,
+                         cfg.data.max_len)
+    evals = None
+    if cfg.data.eval_file:
+        evals = sid.tokenize(sid.build_examples(cfg.data, cfg.tasks, "eval", cfg.seed), tokenizer, eos_id,
+                             cfg.data.max_len)
+    return Prepared(model_dir, model_cfg, tokenizer, eos_id, extension, train, evals)
+
+
+def build(cfg: Config, mesh: jax.sharding.Mesh) -> Callable[[], SFTTask]:
+    """Check the input before the run starts; the returned function builds the Task."""
+    runtime.check_batch(cfg.train.global_batch_size, mesh)
+    prep = prepare(cfg, mesh)
+    return lambda: SFTTask(cfg, mesh, prep)

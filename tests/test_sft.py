@@ -1,0 +1,121 @@
+"""The `sft` recipe end to end through the real CLI: a tiny random Qwen2 written by
+`python -m mllm_jax tiny-model`, the shared MiniOneRec Industrial data, real JAX on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import INDUSTRIAL_VALID, losses, read_metrics, run_trainer, sft_args, trainer_env
+
+
+def run_sft(model_dir: Path, tmp_path: Path, name: str, *sets: str, devices: int = 1):
+    out = run_trainer(*sft_args(model_dir, f"output_dir={tmp_path / name}", *sets), cwd=tmp_path, devices=devices,
+                      recipe="sft")
+    return out, tmp_path / name
+
+
+def test_smoke_config_trains_on_real_data_and_exports(tiny_qwen2, tmp_path):
+    out, run_dir = run_sft(tiny_qwen2, tmp_path, "smoke")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_step"] == 60
+    train = losses(run_dir)
+    assert train[60] < train[10] - 0.5, f"the loss must fall on real data: {train}"
+    evals = [e["loss"] for e in summary["eval_losses"]]
+    assert [e["step"] for e in summary["eval_losses"]] == [30, 60] and evals[1] < evals[0] - 0.3
+    ext = summary["token_extension"]
+    assert ext["added_tokens"] == ext["sid_tokens"] > 0
+    assert ext["vocab_size"] == ext["tokenizer_size_before"] + ext["added_tokens"]
+    assert ext["padded_vocab_size"] % 128 == 0 and ext["padded_vocab_size"] >= ext["vocab_size"]
+    batch = summary["effective_batch"]
+    assert batch == {"global_batch_size": 16, "per_device_train_batch_size": 8, "data_parallel_devices": 1,
+                     "gradient_accumulation_steps": 2}
+    stats = summary["step_time_stats"]
+    assert stats["timed_steps"] == 59 and stats["min"] <= stats["median"] <= stats["max"]
+    assert summary["train_examples"] > 3 * 128 - 1  # 128 rows per task, alignment asks both ways
+    events = [e for e in read_metrics(run_dir) if "train/loss" in e]
+    assert {"train/loss", "train/lr", "perf/step_time_sec", "perf/tokens_per_sec", "perf/mfu"} <= events[-1].keys()
+    assert (Path(summary["hf_export_dir"]) / "model.safetensors").is_file()
+
+
+def test_gradient_accumulation_gives_the_same_update(tiny_qwen2, tmp_path):
+    common = ["train.global_batch_size=32", "train.max_steps=3", "train.log_every=1", "train.eval_every=0",
+              "train.checkpoint_every=0", "export_hf=false", "data.eval_file=''", "train.warmup_steps=0"]
+    one, one_dir = run_sft(tiny_qwen2, tmp_path, "1x32", *common, "train.per_device_train_batch_size=32")
+    four, four_dir = run_sft(tiny_qwen2, tmp_path, "4x8", *common, "train.per_device_train_batch_size=8")
+    assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
+    assert json.loads((four_dir / "run_summary.json").read_text())["effective_batch"][
+        "gradient_accumulation_steps"] == 4
+    for name in ("train/loss", "train/grad_norm"):
+        a, b = losses(one_dir, name), losses(four_dir, name)
+        assert a.keys() == b.keys() == {1, 2, 3}
+        np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=2e-5, err_msg=name)
+
+
+def test_meshes_give_the_same_loss(tiny_qwen2, tmp_path):
+    common = ["train.max_steps=3", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0",
+              "export_hf=false", "data.eval_file=''", "train.per_device_train_batch_size=2"]
+    results = {}
+    for mesh in ("8,1,1", "1,8,1", "2,2,2"):
+        out, run_dir = run_sft(tiny_qwen2, tmp_path, mesh.replace(",", "-"), *common, f"jax.mesh_shape={mesh}",
+                               devices=8)
+        assert out.returncode == 0, out.stderr
+        results[mesh] = losses(run_dir)
+    assert results["8,1,1"].keys() == {1, 2, 3}
+    for mesh in ("1,8,1", "2,2,2"):
+        np.testing.assert_allclose(list(results[mesh].values()), list(results["8,1,1"].values()), rtol=2e-5,
+                                   err_msg=mesh)
+
+
+def _bad_csv(path: Path, drop: str | None = None, replace: tuple[str, str] | None = None) -> Path:
+    """The first rows of the shared CSV, without column `drop` or with text replaced."""
+    lines = INDUSTRIAL_VALID.read_text().splitlines()[:20]
+    text = "\n".join(lines) + "\n"
+    if replace:
+        text = text.replace(*replace)
+    if drop:
+        import csv
+        import io
+
+        rows = list(csv.DictReader(io.StringIO(text)))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, [c for c in rows[0] if c != drop])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: v for k, v in row.items() if k != drop})
+        text = out.getvalue()
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing_file", "missing_column", "unknown_sid", "max_len", "mesh", "batch"])
+def test_bad_input_is_one_clear_line(tiny_qwen2, tmp_path, case):
+    first_sid = INDUSTRIAL_VALID.read_text().splitlines()[1].split("'<a_")[1].split(">")[0]
+    sets, devices = {
+        "missing_file": (["data.train_file=/nonexistent/train.csv"], 1),
+        "missing_column": ([f"data.train_file={_bad_csv(tmp_path / 'no_column.csv', drop='history_item_sid')}"], 1),
+        "unknown_sid": ([f"data.train_file={_bad_csv(tmp_path / 'unknown_sid.csv', replace=(f'<a_{first_sid}>', '<a_99999>'))}"], 1),
+        "max_len": (["data.max_len=12"], 1),
+        "mesh": (["jax.mesh_shape=3,1,1"], 2),
+        "batch": (["train.global_batch_size=24", "train.per_device_train_batch_size=4"], 4),
+    }[case]
+    expected = {
+        "missing_file": "data.train_file: file not found: /nonexistent/train.csv",
+        "missing_column": "has no column 'history_item_sid'",
+        "unknown_sid": "'<a_99999>",
+        "max_len": "data.max_len",
+        "mesh": "jax.mesh_shape '3,1,1' needs 3 devices, found 2",
+        "batch": "train.global_batch_size=24 is not divisible by per_device_train_batch_size x data-parallel "
+                 "devices = 4 x 4",
+    }[case]
+    out = run_trainer(*sft_args(tiny_qwen2, *sets), cwd=tmp_path, devices=devices, recipe="sft",
+                      env=trainer_env(devices))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not (tmp_path / "runs").exists(), "nothing may be created for bad input"

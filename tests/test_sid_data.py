@@ -1,0 +1,288 @@
+"""MiniOneRec SID SFT data (mllm_jax.data.sid) on the shared Industrial_and_Scientific data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA
+from tokenizers import AddedToken
+
+from mllm_jax.config import ConfigError
+from mllm_jax.data import sid
+from mllm_jax.models.tiny import EOS_TOKEN, build_tokenizer
+
+AMAZON = SHARED_DATA / "MiniOneRec" / "data" / "Amazon"
+NAME = "Industrial_and_Scientific"
+VALID = AMAZON / "valid" / f"{NAME}_5_2016-10-2018-11.csv"
+TEST = AMAZON / "test" / f"{NAME}_5_2016-10-2018-11.csv"
+INDEX = AMAZON / "index" / f"{NAME}.index.json"
+ITEMS = AMAZON / "index" / f"{NAME}.item.json"
+
+HEAD = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request. \n\n### Instruction:\n")
+ALL = sid.TasksConfig()
+ONLY_NEXT = sid.TasksConfig(sid_item_alignment=False, fusion_seq_rec=False)
+
+
+def config(**kw) -> sid.SidDataConfig:
+    paths = {"train_file": VALID, "eval_file": TEST, "sid_index_path": INDEX, "item_meta_path": ITEMS}
+    return sid.SidDataConfig(**{**{k: str(v) for k, v in paths.items()}, **kw})
+
+
+def by_task(examples: list[sid.Example], task: str) -> list[sid.Example]:
+    return [e for e in examples if e.task == task]
+
+
+@pytest.fixture(scope="module")
+def real_examples() -> list[sid.Example]:
+    assert VALID.is_file() and INDEX.is_file() and ITEMS.is_file(), f"shared data missing under {AMAZON}"
+    return sid.build_examples(config(), ALL, "train", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = build_tokenizer()
+    tokens = sid.sid_tokens(sid.load_index(str(INDEX)))
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tokens])
+    return tok
+
+
+def test_prompts_of_the_first_valid_row_are_minionerec_verbatim(real_examples):
+    # valid row 1: history ['<a_223><b_80><c_3>'] -> item 114, SID '<a_165><b_214><c_252>',
+    # title "Super Glue 15187 Super Glue, 12-Pack"
+    nxt = by_task(real_examples, "sid_next_item")[0]
+    assert nxt.prompt == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request. \n\n"
+        "### Instruction:\nCan you predict the next possible item that the user may expect?\n\n"
+        "### User Input: \nThe user has interacted with items <a_223><b_80><c_3> in chronological order. "
+        "Can you predict the next possible item that the user may expect?\n\n### Response:\n")
+    assert nxt.response == "<a_165><b_214><c_252>\n"
+
+    fusion = by_task(real_examples, "fusion_seq_rec")[0]
+    assert fusion.prompt == (
+        HEAD + "Can you recommend the next item for the user based on their interaction history?\n\n"
+        "### User Input: \nThe user has sequentially interacted with items <a_223><b_80><c_3>. "
+        "Can you recommend the next item for him? Tell me the title of the item\n\n### Response:\n")
+    assert fusion.response == "Super Glue 15187 Super Glue, 12-Pack\n"
+
+    # a longer history is joined with ", " (valid row 2)
+    assert "items <a_224><b_38><c_1>, <a_244><b_35><c_73>, <a_244><b_35><c_73>, <a_42><b_133><c_2> in " \
+        in by_task(real_examples, "sid_next_item")[1].prompt
+
+    aligned = {(e.prompt, e.response) for e in by_task(real_examples, "sid_item_alignment")}
+    question = HEAD + "Answer the question about item identification.\n\n### User Input: \n{}\n\n### Response:\n"
+    assert (question.format('What is the title of item "<a_165><b_214><c_252>"?'),
+            "Super Glue 15187 Super Glue, 12-Pack\n") in aligned
+    assert (question.format("Which item has the title: Super Glue 15187 Super Glue, 12-Pack?"),
+            "<a_165><b_214><c_252>\n") in aligned
+
+
+def test_task_sizes_with_all_rows(real_examples):
+    # alignment: MiniOneRec's sid2title / title2sid dicts (15 SIDs and 40 titles are shared by several items)
+    sizes = {t: len(by_task(real_examples, t)) for t in sid.TASKS}
+    assert sizes == {"sid_next_item": 4532, "sid_item_alignment": 3670 + 3646, "fusion_seq_rec": 4532}
+    assert [e.task for e in real_examples] == sorted((e.task for e in real_examples), key=sid.TASKS.index)
+    evals = sid.build_examples(config(), ALL, "eval", seed=0)
+    assert len(evals) == 4533 and {e.task for e in evals} == {"sid_next_item"}
+
+
+def test_alignment_has_both_directions(real_examples):
+    align = by_task(real_examples, "sid_item_alignment")
+    to_title = [e for e in align if "What is the title of item" in e.prompt]
+    to_sid = [e for e in align if "Which item has the title:" in e.prompt]
+    assert len(to_title) == 3670 and len(to_sid) == 3646 and len(to_title) + len(to_sid) == len(align)
+    assert all(re.fullmatch(r"(<[abc]_\d+>){3}\n", e.response) for e in to_sid)
+    assert not any(re.search(r"<[abc]_\d+>", e.response) for e in to_title[:100])
+
+
+def test_sample_draws_n_per_task_deterministically():
+    cfg = config(sample_train=50, sample_eval=20)
+    a = sid.build_examples(cfg, ALL, "train", seed=1)
+    assert {t: len(by_task(a, t)) for t in sid.TASKS} == dict.fromkeys(sid.TASKS, 50)
+    assert a == sid.build_examples(cfg, ALL, "train", seed=1)
+    b = sid.build_examples(cfg, ALL, "train", seed=2)
+    for task in sid.TASKS:
+        assert by_task(a, task) != by_task(b, task)
+    # like MiniOneRec (df.sample with the same seed), next-item and fusion read the same rows
+    history = lambda e: e.prompt.split("items ", 1)[1].split(" in chronological")[0].split(". Can you")[0]
+    assert [history(e) for e in by_task(a, "sid_next_item")] == [history(e) for e in by_task(a, "fusion_seq_rec")]
+    ev = sid.build_examples(cfg, ALL, "eval", seed=1)
+    assert len(ev) == 20 and ev == sid.build_examples(cfg, ALL, "eval", seed=1)
+    # a sample as large as the data keeps it all
+    assert len(sid.build_examples(config(sample_train=10**6), ONLY_NEXT, "train", seed=0)) == 4532
+
+
+def test_sample_matches_pandas_like_minionerec():
+    pd = pytest.importorskip("pandas")
+    rows = pd.read_csv(VALID).sample(30, random_state=7)
+    got = sid.build_examples(config(sample_train=30), ONLY_NEXT, "train", seed=7)
+    assert [e.response for e in got] == [s + "\n" for s in rows["item_sid"]]
+
+
+def test_tasks_are_switchable_and_need_only_their_files(tmp_path):
+    missing = str(tmp_path / "nope.json")
+    only_next = sid.build_examples(config(item_meta_path=missing), ONLY_NEXT, "train", seed=0)
+    assert {e.task for e in only_next} == {"sid_next_item"}
+    only_align_tasks = sid.TasksConfig(sid_next_item=False, fusion_seq_rec=False)
+    only_align = sid.build_examples(config(train_file=missing), only_align_tasks, "train", seed=0)
+    assert {e.task for e in only_align} == {"sid_item_alignment"}
+    # eval reads eval_file (next-item only), not train_file or the item metadata
+    assert sid.build_examples(config(train_file=missing, item_meta_path=missing, sample_eval=5), ALL, "eval", 0)
+    with pytest.raises(ConfigError, match="tasks: expected at least one"):
+        sid.TasksConfig(False, False, False).validate()
+
+
+def test_loss_mask_covers_exactly_response_and_eos(real_examples, tokenizer):
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    picked = [by_task(real_examples, t)[i] for t in sid.TASKS for i in (0, 1, 7)]
+    data = sid.tokenize(picked, tokenizer, eos, max_len=512)
+    assert len(data) == len(picked) and data.tasks == [e.task for e in picked]
+    for ex, ids, mask in zip(picked, data.ids, data.loss_mask):
+        assert ids.dtype == np.int32 and mask.dtype == bool and ids.shape == mask.shape
+        n_resp = len(tokenizer.encode(ex.response, add_special_tokens=False).ids)
+        assert mask.sum() == n_resp + 1 and mask[-n_resp - 1:].all() and not mask[:-n_resp - 1].any()
+        assert ids[-1] == eos and eos not in ids[:-1].tolist()
+        assert tokenizer.decode(ids[mask][:-1].tolist()) == ex.response
+        assert tokenizer.decode(ids[~mask].tolist()) == ex.prompt
+    # a SID is three tokens
+    sid_only = sid.tokenize([sid.Example("x", "p", "<a_165><b_214><c_252>\n")], tokenizer, eos, 64)
+    assert sid_only.loss_mask[0].sum() == 3 + 1 + 1
+    assert data.max_length() == max(len(x) for x in data.ids)
+
+
+def test_left_truncation_keeps_the_tail(real_examples, tokenizer):
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    ex = by_task(real_examples, "fusion_seq_rec")[:4]
+    full = sid.tokenize(ex, tokenizer, eos, max_len=512)
+    cut = sid.tokenize(ex, tokenizer, eos, max_len=80)
+    for f_ids, f_mask, c_ids, c_mask in zip(full.ids, full.loss_mask, cut.ids, cut.loss_mask):
+        assert len(f_ids) > 80 and len(c_ids) == 80
+        assert (c_ids == f_ids[-80:]).all() and (c_mask == f_mask[-80:]).all() and c_mask.sum() == f_mask.sum()
+        assert not c_mask[0]  # at least one prompt token left
+
+
+def test_max_len_too_small_for_an_example(tokenizer):
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    ex = sid.Example("fusion_seq_rec", "prompt", "A long title of an item of many words\n")
+    need = len(tokenizer.encode(ex.response, add_special_tokens=False).ids) + 2
+    assert len(sid.tokenize([ex], tokenizer, eos, need).ids[0]) == need
+    with pytest.raises(ConfigError) as e:
+        sid.tokenize([ex], tokenizer, eos, need - 1)
+    msg = str(e.value)
+    assert msg.startswith("data.max_len:") and "fusion_seq_rec" in msg and str(need) in msg and "\n" not in msg
+
+
+def test_sid_tokens_of_real_index_cover_every_csv_row():
+    index = sid.load_index(str(INDEX))
+    tokens = sid.sid_tokens(index)
+    assert tokens == sorted(set(tokens)) and len(index) == 3686
+    assert all(re.fullmatch(r"<[abc]_\d+>", t) for t in tokens)
+    known = set(tokens)
+    for path in (VALID, TEST):
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                assert set(re.findall(r"<[^<>]+>", row["history_item_sid"] + row["item_sid"])) <= known
+
+
+def test_batch_pads_right_and_fills_rows():
+    data = sid.TokenizedExamples(
+        ids=[np.array([5, 6, 7], np.int32), np.array([8, 9], np.int32)],
+        loss_mask=[np.array([False, True, True]), np.array([False, True])], tasks=["a", "b"])
+    b = data.batch(np.array([1, -1, 0]), length=4, pad_id=0)
+    assert b["input_ids"].dtype == np.int32 and b["loss_mask"].dtype == bool
+    assert b["input_ids"].tolist() == [[8, 9, 0, 0], [0, 0, 0, 0], [5, 6, 7, 0]]
+    assert b["loss_mask"].tolist() == [[False, True, False, False], [False] * 4, [False, True, True, False]]
+    assert data.max_length() == 3 and len(data) == 2
+    with pytest.raises(ValueError):
+        data.batch(np.array([0]), length=2, pad_id=0)
+
+
+# ---- bad inputs: one-line ConfigErrors that name the key ----
+
+def _raises(cfg, key_text: str, tasks=ALL, split="train") -> str:
+    with pytest.raises(ConfigError) as e:
+        sid.build_examples(cfg, tasks, split, seed=0)
+    msg = str(e.value)
+    assert msg.startswith(key_text) and "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("key", ["train_file", "sid_index_path", "item_meta_path"])
+def test_missing_file(tmp_path, key):
+    path = str(tmp_path / "missing")
+    assert path in _raises(config(**{key: path}), f"data.{key}: file not found")
+
+
+def test_missing_eval_file(tmp_path):
+    _raises(config(eval_file=str(tmp_path / "x.csv")), "data.eval_file: file not found", split="eval")
+    _raises(config(eval_file=""), "data.eval_file:", split="eval")
+
+
+def _write_csv(path: Path, rows: list[list[str]], header=("user_id", "history_item_sid", "item_sid")) -> str:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture
+def small_index(tmp_path) -> str:
+    path = tmp_path / "x.index.json"
+    path.write_text(json.dumps({"0": ["<a_1>", "<b_2>", "<c_3>"], "1": ["<a_4>", "<b_5>", "<c_6>"]}))
+    return str(path)
+
+
+def test_csv_missing_column(tmp_path, small_index):
+    bad = _write_csv(tmp_path / "t.csv", [["u", "['<a_1><b_2><c_3>']"]], header=("user_id", "history_item_sid"))
+    msg = _raises(config(train_file=bad, sid_index_path=small_index), "data.train_file:", tasks=ONLY_NEXT)
+    assert "has no column 'item_sid'" in msg and "user_id, history_item_sid" in msg
+
+
+def test_sid_not_in_index(tmp_path, small_index):
+    good = _write_csv(tmp_path / "ok.csv", [["u", "['<a_1><b_2><c_3>']", "<a_4><b_5><c_6>"]])
+    assert len(sid.build_examples(config(train_file=good, sid_index_path=small_index), ONLY_NEXT, "train", 0)) == 1
+    rows = [["u", "['<a_1><b_2><c_3>']", "<a_4><b_5><c_6>"],
+            ["v", "['<a_1><b_2><c_3>', '<a_9><b_9><c_9>']", "<a_1><b_2><c_3>"]]
+    msg = _raises(config(train_file=_write_csv(tmp_path / "h.csv", rows), sid_index_path=small_index),
+                  "data.train_file row 2: SID '<a_9><b_9><c_9>' is not in data.sid_index_path", tasks=ONLY_NEXT)
+    assert small_index in msg
+    rows = [["u", "['<a_1><b_2><c_3>']", "<a_7><b_7><c_7>"]]
+    _raises(config(eval_file=_write_csv(tmp_path / "t.csv", rows), sid_index_path=small_index),
+            "data.eval_file row 1: SID '<a_7><b_7><c_7>'", split="eval")
+
+
+@pytest.mark.parametrize("cell", ["<a_1><b_2><c_3>", "['<a_1><b_2><c_3>'", "[1, 2]", "__import__('os')"])
+def test_malformed_list_cell(tmp_path, small_index, cell):
+    rows = [["u", "['<a_1><b_2><c_3>']", "<a_4><b_5><c_6>"], ["v", cell, "<a_4><b_5><c_6>"]]
+    bad = _write_csv(tmp_path / "t.csv", rows)
+    msg = _raises(config(train_file=bad, sid_index_path=small_index), "data.train_file row 2:", tasks=ONLY_NEXT)
+    assert "history_item_sid" in msg
+
+
+def test_bad_index_file(tmp_path):
+    path = tmp_path / "bad.index.json"
+    path.write_text('{"0": "<a_1>"}')
+    _raises(config(sid_index_path=str(path)), "data.sid_index_path:", tasks=ONLY_NEXT)
+    path.write_text("not json")
+    _raises(config(sid_index_path=str(path)), "data.sid_index_path:", tasks=ONLY_NEXT)
+
+
+def test_unknown_split():
+    with pytest.raises(ValueError, match="unknown split"):
+        sid.build_examples(config(), ALL, "test", seed=0)
+
+
+@pytest.mark.parametrize("kw, key", [({"max_len": 4}, "data.max_len:"), ({"sample_train": 0}, "data.sample_train:"),
+                                     ({"sample_eval": -2}, "data.sample_eval:")])
+def test_validate(kw, key):
+    config().validate()
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        config(**kw).validate()
+
