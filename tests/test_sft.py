@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import INDUSTRIAL_VALID, losses, read_metrics, run_trainer, sft_args, trainer_env
+from conftest import (INDUSTRIAL_VALID, free_port, losses, read_metrics, run_trainer, sft_args, trainer_cmd,
+                      trainer_env)
 
 
 def run_sft(model_dir: Path, tmp_path: Path, name: str, *sets: str, devices: int = 1):
@@ -119,3 +121,37 @@ def test_bad_input_is_one_clear_line(tiny_qwen2, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert not (tmp_path / "runs").exists(), "nothing may be created for bad input"
+
+
+def test_two_processes_match_one_process(tiny_qwen2, tmp_path):
+    """2 processes x 4 CPU devices (jax.distributed + gloo, as two TPU hosts) on a (2,2,2) mesh
+    train, evaluate and export exactly like 1 x 8."""
+    common = ["train.max_steps=3", "train.log_every=1", "train.eval_every=2", "train.checkpoint_every=0",
+              "train.per_device_train_batch_size=2", "jax.mesh_shape=2,2,2", "data.sample_eval=24"]
+    single, single_dir = run_sft(tiny_qwen2, tmp_path, "single", *common, devices=8)
+    assert single.returncode == 0, single.stderr
+
+    multi_dir = tmp_path / "multi"
+    port = free_port()
+    args = sft_args(tiny_qwen2, *common, f"output_dir={multi_dir}", f"train.checkpoint_dir={tmp_path / 'ckpt'}")
+    procs = [
+        subprocess.Popen(trainer_cmd(*args, recipe="sft"), cwd=tmp_path,
+                         env=trainer_env(4, MLLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MLLM_NUM_PROCESSES="2",
+                                         MLLM_PROCESS_ID=str(pid)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for pid in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    two = json.loads((multi_dir / "run_summary.json").read_text())
+    assert (two["process_count"], two["device_count"]) == (2, 8)
+    for name in ("train/loss", "train/grad_norm", "eval/loss"):
+        a, b = losses(single_dir, name), losses(multi_dir, name)
+        assert a.keys() == b.keys() and a, name
+        np.testing.assert_allclose(list(b.values()), list(a.values()), rtol=2e-5, err_msg=name)
+    from safetensors.torch import load_file  # the export is bfloat16, which numpy lacks
+
+    one_w, two_w = (load_file(d / "hf" / "model.safetensors") for d in (single_dir, multi_dir))
+    assert one_w.keys() == two_w.keys()
+    for key in one_w:
+        np.testing.assert_allclose(two_w[key].float().numpy(), one_w[key].float().numpy(), atol=1e-2, err_msg=key)

@@ -106,6 +106,17 @@ def seq_len(examples: sid.TokenizedExamples, max_len: int) -> int:
     return min(max_len, -(-examples.max_length() // SEQ_MULTIPLE) * SEQ_MULTIPLE)
 
 
+def step_indices(num_examples: int, global_batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Example indices of update `step` (-1 = empty filler row): a pure function of (seed,
+    step), so a resumed run sees the same batches. Each epoch is a fresh permutation and
+    its last batch may be partial."""
+    steps_per_epoch = math.ceil(num_examples / global_batch_size)
+    epoch, pos = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    chunk = order[pos * global_batch_size:(pos + 1) * global_batch_size]
+    return np.concatenate([chunk, np.full(global_batch_size - len(chunk), -1)])
+
+
 class SFTTask:
     """The trainer's Task for SID SFT: params sharded by qwen2.param_specs, batches of shape
     (accumulation, micro-batch, seq) split over (dp, fsdp) on the micro-batch axis."""
@@ -164,16 +175,9 @@ class SFTTask:
         return new_state, {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads)}
 
     # --- batches ---------------------------------------------------------------------------
-    def step_indices(self, step: int) -> np.ndarray:
-        """Example indices of update `step` (-1 = empty filler): a pure function of (seed,
-        step), so a resumed run sees the same batches. Each epoch is a fresh permutation."""
-        g, n = self.cfg.train.global_batch_size, len(self.prep.train)
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)[pos * g:(pos + 1) * g]
-        return np.concatenate([order, np.full(g - len(order), -1)])
-
     def _train_batch(self, step: int) -> dict[str, jax.Array]:
-        idx = self.step_indices(step).reshape(self.accum, self.micro)[:, self.rows]
+        idx = step_indices(len(self.prep.train), self.cfg.train.global_batch_size, self.cfg.seed, step)
+        idx = idx.reshape(self.accum, self.micro)[:, self.rows]
         local = self.prep.train.batch(idx.reshape(-1), self.seq, self.prep.eos_id)
         sharding = NamedSharding(self.mesh, P(None, runtime.BATCH_AXES))
         return {k: jax.make_array_from_process_local_data(sharding, v.reshape(self.accum, -1, self.seq),
