@@ -56,10 +56,12 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the run dir."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     env_file: Optional[str] = typer.Option(None, "--env-file", help="KEY=VALUE file to load (default: ./.env if present)."),
+    run_mode: Optional[str] = typer.Option(None, "--run-mode", help="sft: train, eval or train_eval (= --set run_mode=...)."),
 ) -> None:
     """Train RECIPE in this process, exactly as `python -m mllm_jax train` does on a VM."""
     from mllm_jax.train import run_cli, train as run_train
 
+    overrides = overrides + ([f"run_mode={run_mode}"] if run_mode else [])
     code = run_cli(lambda: run_train(recipe, config, overrides, resume, print_config, env_file))
     raise typer.Exit(code)
 

@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--env-file", help="KEY=VALUE file to load (default: ./.env if present)")
+    p.add_argument("--run-mode", choices=["train", "eval", "train_eval"],
+                   help="sft: train, evaluate only, or both (the same as --set run_mode=...)")
     t = sub.add_parser("tiny-model", help="write a tiny random Qwen2 in Hugging Face format (for CPU smoke runs)")
     t.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer.json)")
     args = parser.parse_args(argv)
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"wrote a tiny random Qwen2 to {write_tiny_model(args.out_dir)}")
         return 0
-    return run_cli(lambda: train(args.recipe, args.config, args.overrides, args.resume, args.print_config,
+    overrides = args.overrides + ([f"run_mode={args.run_mode}"] if args.run_mode else [])
+    return run_cli(lambda: train(args.recipe, args.config, overrides, args.resume, args.print_config,
                                  args.env_file))
 
 

@@ -228,9 +228,7 @@ def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Co
                 status = "stopped"
         console.advance(step)
         if status != "stopped" and ((cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps):
-            evals = task.evaluate(state)
-            tracker.log(step, evals)
-            console.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+            result["eval_metrics"] = _evaluate(task, state, step, tracker, console)
             last_eval_step = step
             t_mark, step_mark, tokens_mark = time.perf_counter(), step, 0  # evaluation time is not step time
         checkpointer.maybe_save(step, state, force=step == max_steps or status == "stopped")
@@ -238,6 +236,9 @@ def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Co
             console.print(f"stop requested (signal {stop.signal}): checkpoint saved at step {step}")
             break
 
+    if status == "completed" and last_eval_step != step:  # nothing to train (evaluation only): evaluate once
+        result["eval_metrics"] = _evaluate(task, state, step, tracker, console)
+        last_eval_step = step
     if metrics:
         result["final_train_loss"] = float(jax.device_get(metrics["loss"]))
     result["final_step"] = step
@@ -255,6 +256,13 @@ def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Co
     if status == "completed":
         result.update(task.finish(state, console))
     return status
+
+
+def _evaluate(task: Task, state: Any, step: int, tracker: Tracker, console: Console) -> dict[str, float]:
+    evals = task.evaluate(state)
+    tracker.log(step, evals)
+    console.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+    return evals
 
 
 def _mean_step_time(step_times: list[tuple[float, int]]) -> float:

@@ -68,7 +68,8 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sft_args(model_dir: Path, *extra: str) -> list[str]:
     """CLI args for the SFT smoke config on `model_dir`, with absolute data paths."""
     sets = {"base_model": model_dir, "data.train_file": INDUSTRIAL_VALID, "data.eval_file": INDUSTRIAL_TEST,
-            "data.sid_index_path": INDUSTRIAL_INDEX, "data.item_meta_path": INDUSTRIAL_ITEMS}
+            "data.test_file": INDUSTRIAL_TEST, "data.sid_index_path": INDUSTRIAL_INDEX,
+            "data.item_meta_path": INDUSTRIAL_ITEMS}
     args = ["--config", str(SFT_SMOKE)]
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]

@@ -42,11 +42,43 @@ def test_smoke_config_trains_on_real_data_and_exports(tiny_qwen2, tmp_path):
     events = [e for e in read_metrics(run_dir) if "train/loss" in e]
     assert {"train/loss", "train/lr", "perf/step_time_sec", "perf/tokens_per_sec", "perf/mfu"} <= events[-1].keys()
     assert (Path(summary["hf_export_dir"]) / "model.safetensors").is_file()
+    # The SID evaluation (run_mode train_eval): 16 test prompts, 10 beams, at steps 30 and 60.
+    metrics = summary["eval_metrics"]
+    assert set(metrics) == {"eval/loss", "eval/hr@1", "eval/hr@5", "eval/hr@10", "eval/ndcg@1", "eval/ndcg@5",
+                            "eval/ndcg@10", "eval/invalid_prediction_count"}
+    assert metrics["eval/invalid_prediction_count"] == 0, "constrained beams are always valid SIDs"
+    assert 0 <= metrics["eval/hr@1"] <= metrics["eval/hr@5"] <= metrics["eval/hr@10"] <= 1
+    predictions = json.loads((run_dir / "eval_predictions.json").read_text())
+    assert len(predictions) == 16 and all(len(p["predict"]) == 10 for p in predictions)
+    assert json.loads((run_dir / "eval_metrics.json").read_text())["step"] == 60
+    assert [e["step"] for e in read_metrics(run_dir) if "eval/hr@1" in e] == [30, 60]
+
+
+def test_eval_mode_on_a_checkpoint_reproduces_the_final_metrics(tiny_qwen2, tmp_path):
+    common = ["train.max_steps=4", "train.eval_every=0", "train.checkpoint_every=0", "data.sample_test=8",
+              "eval.num_beams=5", "eval.topk=[1,5]"]
+    out, run_dir = run_sft(tiny_qwen2, tmp_path, "trained", *common)
+    assert out.returncode == 0, out.stderr
+    trained = json.loads((run_dir / "run_summary.json").read_text())
+    ev, ev_dir = run_sft(tiny_qwen2, tmp_path, "evaluated", *common, "run_mode=eval",
+                         f"eval.checkpoint={run_dir / 'checkpoints'}")
+    assert ev.returncode == 0, ev.stderr
+    evaluated = json.loads((ev_dir / "run_summary.json").read_text())
+    assert evaluated["final_step"] == 4 and evaluated["train_examples"] == 0 and "hf_export_dir" not in evaluated
+    assert evaluated["eval_metrics"] == trained["eval_metrics"]
+    assert (json.loads((ev_dir / "eval_predictions.json").read_text())
+            == json.loads((run_dir / "eval_predictions.json").read_text()))
+    # The exported HF weights (bfloat16) evaluate too, with no training data at all.
+    hf, hf_dir = run_sft(tiny_qwen2, tmp_path, "hf", *common, "run_mode=eval", f"base_model={run_dir / 'hf'}",
+                         "data.train_file=/nonexistent.csv")
+    assert hf.returncode == 0, hf.stderr
+    assert json.loads((hf_dir / "run_summary.json").read_text())["eval_metrics"]["eval/invalid_prediction_count"] == 0
 
 
 def test_gradient_accumulation_gives_the_same_update(tiny_qwen2, tmp_path):
-    common = ["train.global_batch_size=32", "train.max_steps=3", "train.log_every=1", "train.eval_every=0",
-              "train.checkpoint_every=0", "export_hf=false", "data.eval_file=''", "train.warmup_steps=0"]
+    common = ["run_mode=train", "train.global_batch_size=32", "train.max_steps=3", "train.log_every=1",
+              "train.eval_every=0", "train.checkpoint_every=0", "export_hf=false", "data.eval_file=''",
+              "train.warmup_steps=0"]
     one, one_dir = run_sft(tiny_qwen2, tmp_path, "1x32", *common, "train.per_device_train_batch_size=32")
     four, four_dir = run_sft(tiny_qwen2, tmp_path, "4x8", *common, "train.per_device_train_batch_size=8")
     assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
@@ -59,8 +91,8 @@ def test_gradient_accumulation_gives_the_same_update(tiny_qwen2, tmp_path):
 
 
 def test_meshes_give_the_same_loss(tiny_qwen2, tmp_path):
-    common = ["train.max_steps=3", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0",
-              "export_hf=false", "data.eval_file=''", "train.per_device_train_batch_size=2"]
+    common = ["run_mode=train", "train.max_steps=3", "train.log_every=1", "train.eval_every=0",
+              "train.checkpoint_every=0", "export_hf=false", "data.eval_file=''", "train.per_device_train_batch_size=2"]
     results = {}
     for mesh in ("8,1,1", "1,8,1", "2,2,2"):
         out, run_dir = run_sft(tiny_qwen2, tmp_path, mesh.replace(",", "-"), *common, f"jax.mesh_shape={mesh}",
@@ -125,9 +157,11 @@ def test_bad_input_is_one_clear_line(tiny_qwen2, tmp_path, case):
 
 def test_two_processes_match_one_process(tiny_qwen2, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed + gloo, as two TPU hosts) on a (2,2,2) mesh
-    train, evaluate and export exactly like 1 x 8."""
+    train, evaluate (loss and beam search: each process feeds its share of the test prompts)
+    and export exactly like 1 x 8."""
     common = ["train.max_steps=3", "train.log_every=1", "train.eval_every=2", "train.checkpoint_every=0",
-              "train.per_device_train_batch_size=2", "jax.mesh_shape=2,2,2", "data.sample_eval=24"]
+              "train.per_device_train_batch_size=2", "jax.mesh_shape=2,2,2", "data.sample_eval=24",
+              "data.sample_test=12", "eval.num_beams=5", "eval.topk=[1,5]", "eval.per_device_batch_size=1"]
     single, single_dir = run_sft(tiny_qwen2, tmp_path, "single", *common, devices=8)
     assert single.returncode == 0, single.stderr
 
@@ -145,7 +179,10 @@ def test_two_processes_match_one_process(tiny_qwen2, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs
     two = json.loads((multi_dir / "run_summary.json").read_text())
     assert (two["process_count"], two["device_count"]) == (2, 8)
-    for name in ("train/loss", "train/grad_norm", "eval/loss"):
+    assert two["eval_metrics"] == json.loads((single_dir / "run_summary.json").read_text())["eval_metrics"]
+    assert (json.loads((multi_dir / "eval_predictions.json").read_text())
+            == json.loads((single_dir / "eval_predictions.json").read_text()))
+    for name in ("train/loss", "train/grad_norm", "eval/loss", "eval/hr@5", "eval/ndcg@5"):
         a, b = losses(single_dir, name), losses(multi_dir, name)
         assert a.keys() == b.keys() and a, name
         np.testing.assert_allclose(list(b.values()), list(a.values()), rtol=2e-5, err_msg=name)

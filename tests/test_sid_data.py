@@ -286,3 +286,83 @@ def test_validate(kw, key):
     with pytest.raises(ConfigError, match=f"^{key}"):
         config(**kw).validate()
 
+
+
+# ---- the SID evaluation's test prompts (build_test_prompts) ----
+
+def with_test_file(**kw) -> sid.SidDataConfig:
+    return config(test_file=str(TEST), **kw)
+
+
+def test_test_prompt_of_the_first_test_row_is_minionerec_verbatim():
+    prompts = sid.build_test_prompts(with_test_file(), seed=0)
+    assert len(prompts) == 4533  # every row, in file order
+    first = prompts[0]
+    assert first.prompt == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request. \n\n"
+        "### Instruction:\nCan you predict the next possible item that the user may expect?\n\n"
+        "### User Input: \nCan you predict the next possible item the user may expect, given the following "
+        "chronological interaction history: <a_223><b_80><c_165>, <a_223><b_80><c_159>, <a_223><b_80><c_0>, "
+        "<a_223><b_80><c_158>, <a_223><b_198><c_173>, <a_223><b_198><c_100>, <a_223><b_80><c_91>, "
+        "<a_223><b_80><c_25>, <a_223><b_86><c_176>, <a_223><b_72><c_93>\n\n### Response:\n")
+    assert first.target == "<a_223><b_80><c_216>"
+    assert prompts[1].prompt.endswith("interaction history: <a_202><b_147><c_0>\n\n### Response:\n")
+    assert prompts[1].target == "<a_202><b_118><c_74>"
+    # the eval file (same CSV here) and the test prompts share the history and target
+    assert sid.build_examples(with_test_file(), ALL, "eval", 0)[0].response == first.target + "\n"
+
+
+def test_test_prompts_sampling():
+    a = sid.build_test_prompts(with_test_file(sample_test=25), seed=3)
+    assert len(a) == 25 and a == sid.build_test_prompts(with_test_file(sample_test=25), seed=3)
+    assert a != sid.build_test_prompts(with_test_file(sample_test=25), seed=4)
+    every = sid.build_test_prompts(with_test_file(), seed=3)
+    assert set(a) <= set(every) and len(set(a)) == 25
+    # sample_test reads the rows eval would draw with the same n and seed (MiniOneRec's df.sample)
+    ev = sid.build_examples(with_test_file(sample_eval=25), ALL, "eval", seed=3)
+    assert [p.target + "\n" for p in a] == [e.response for e in ev]
+    assert len(sid.build_test_prompts(with_test_file(sample_test=10**6), seed=0)) == 4533
+
+
+def test_test_prompts_sample_matches_pandas_like_minionerec():
+    pd = pytest.importorskip("pandas")
+    rows = pd.read_csv(TEST).sample(30, random_state=11)
+    got = sid.build_test_prompts(with_test_file(sample_test=30), seed=11)
+    assert [p.target for p in got] == list(rows["item_sid"])
+
+
+def _test_raises(cfg, key_text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        sid.build_test_prompts(cfg, seed=0)
+    msg = str(e.value)
+    assert msg.startswith(key_text) and "\n" not in msg, msg
+    return msg
+
+
+def test_test_file_errors_name_the_key(tmp_path, small_index):
+    missing = str(tmp_path / "missing.csv")
+    assert missing in _test_raises(config(test_file=missing), "data.test_file: file not found")
+    _test_raises(config(), "data.test_file: expected a file path")
+    bad = _write_csv(tmp_path / "t.csv", [["u", "['<a_1><b_2><c_3>']"]], header=("user_id", "history_item_sid"))
+    msg = _test_raises(config(test_file=bad, sid_index_path=small_index), "data.test_file:")
+    assert "has no column 'item_sid'" in msg
+    rows = [["u", "['<a_1><b_2><c_3>']", "<a_4><b_5><c_6>"], ["v", "['<a_1><b_2><c_3>']", "<a_7><b_7><c_7>"]]
+    _test_raises(config(test_file=_write_csv(tmp_path / "s.csv", rows), sid_index_path=small_index),
+                 "data.test_file row 2: SID '<a_7><b_7><c_7>' is not in data.sid_index_path")
+    _test_raises(with_test_file(sid_index_path=str(tmp_path / "nope.json")), "data.sid_index_path: file not found")
+    with pytest.raises(ConfigError, match="^data.sample_test:"):
+        with_test_file(sample_test=0).validate()
+    with_test_file(sample_test=5).validate()
+
+
+def test_tokenize_prompts_left_truncates_without_special_tokens(tokenizer):
+    prompts = sid.build_test_prompts(with_test_file(sample_test=4), seed=0)
+    full = sid.tokenize_prompts(prompts, tokenizer, max_len=4096)
+    assert [tokenizer.decode(ids.tolist()) for ids in full] == [p.prompt for p in prompts]
+    assert all(ids.dtype == np.int32 for ids in full)
+    assert tokenizer.token_to_id(EOS_TOKEN) not in np.concatenate(full).tolist()
+    cut = sid.tokenize_prompts(prompts, tokenizer, max_len=40)
+    for f, c in zip(full, cut):
+        assert len(f) > 40 and len(c) == 40 and (c == f[-40:]).all()
+    assert sid.tokenize_prompts([], tokenizer, 8) == []

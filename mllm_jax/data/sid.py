@@ -12,6 +12,9 @@ Every example is MiniOneRec's Alpaca-style prompt (`TEMPLATE`) followed by the r
 (`output + "\\n"`) and EOS; the loss covers only the response and EOS. Sampling matches MiniOneRec
 for a given seed: CSV tasks draw the rows `pandas.DataFrame.sample(n, random_state=seed)` would
 draw, and alignment draws `random.Random(seed).sample(examples, n)`.
+
+The SID evaluation (constrained beam search) reads `test_file` through `build_test_prompts`:
+MiniOneRec's EvalSidDataset prompts (`EVAL_INSTRUCTION`, `EVAL_INPUT`), each with its target SID.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ FUSION_INPUT = (
     "Can you recommend the next item for him? Tell me the title of the item"
 )
 
+EVAL_INSTRUCTION = "Can you predict the next possible item that the user may expect?"
+EVAL_INPUT = ("Can you predict the next possible item the user may expect, "
+              "given the following chronological interaction history: {history}")
+
 HISTORY_COLUMN, TARGET_COLUMN = "history_item_sid", "item_sid"
 
 
@@ -72,11 +79,16 @@ class SidDataConfig:
     """Examples per training task drawn with the seed (CSV rows, or alignment pairs); -1 = all."""
     sample_eval: int = -1
     """Rows of eval_file drawn with the seed; -1 = all."""
+    test_file: str = ""
+    """CSV whose next items the SID evaluation predicts (constrained beam search); MiniOneRec's
+    `.../test/*.csv`, same columns as train_file."""
+    sample_test: int = -1
+    """Rows of test_file drawn with the seed; -1 = all."""
 
     def validate(self) -> None:
         if not isinstance(self.max_len, int) or self.max_len < 8:
             raise ConfigError(f"data.max_len: expected an integer >= 8, got {self.max_len!r}")
-        for key in ("sample_train", "sample_eval"):
+        for key in ("sample_train", "sample_eval", "sample_test"):
             value = getattr(self, key)
             if not isinstance(value, int) or value == 0 or value < -1:
                 raise ConfigError(f"data.{key}: expected -1 (all) or a positive integer, got {value!r}")
@@ -361,3 +373,36 @@ def tokenize(examples: list[Example], tokenizer, eos_id: int, max_len: int) -> T
         out.loss_mask.append(mask[-max_len:])
         out.tasks.append(example.task)
     return out
+
+
+@dataclass(frozen=True)
+class TestPrompt:
+    """One SID-evaluation query: MiniOneRec's EvalSidDataset prompt and the SID to predict."""
+
+    __test__ = False  # not a pytest test class
+
+    prompt: str
+    """TEMPLATE with EVAL_INSTRUCTION / EVAL_INPUT filled in, ending "### Response:\\n"."""
+    target: str
+    """The next item's SID, e.g. "<a_1><b_2><c_3>" (no newline)."""
+
+
+def build_test_prompts(cfg: SidDataConfig, seed: int) -> list[TestPrompt]:
+    """The evaluation prompts of `data.test_file`, as MiniOneRec's `EvalSidDataset(test=True)` builds them:
+    the history SIDs joined with ", " in EVAL_INPUT, an empty response; `sample_test` rows drawn like
+    `DataFrame.sample(n, random_state=seed)` (file order when -1). Every SID must be in the index."""
+    _require_file("test_file", cfg.test_file)
+    _require_file("sid_index_path", cfg.sid_index_path)
+    sids = {"".join(tokens) for tokens in load_index(cfg.sid_index_path).values()}
+    rows = _sample_rows(_read_rows("test_file", cfg.test_file, sids, cfg.sid_index_path), cfg.sample_test, seed)
+    return [TestPrompt(_prompt(EVAL_INSTRUCTION, EVAL_INPUT.format(history=", ".join(row.history))), row.target)
+            for row in rows]
+
+
+def tokenize_prompts(prompts: list[TestPrompt], tokenizer, max_len: int) -> list[np.ndarray]:
+    """int32 token ids of each prompt (no special tokens), left-truncated to its last `max_len` tokens
+    like the training data. `tokenizer` is a `tokenizers.Tokenizer`."""
+    if not prompts:
+        return []
+    encoded = tokenizer.encode_batch([p.prompt for p in prompts], add_special_tokens=False)
+    return [np.asarray(e.ids[-max_len:], dtype=np.int32) for e in encoded]

@@ -2,8 +2,9 @@
 next-item, item-alignment and fusion tasks written with SID tokens.
 
 Wires the HF import (weights, tokenizer, SID tokens added), the SID data, and a jitted step
-that accumulates gradients over the whole global batch into the shared train loop; the
-fine-tuned model is exported back to HF files at the end.
+that accumulates gradients over the whole global batch into the shared train loop; evaluates
+with the eval loss and (run_mode train_eval / eval) the constrained beam search over the SID
+trie, HR@K / NDCG@K as MiniOneRec computes them; exports the fine-tuned model to HF files.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax import optim, runtime
+from mllm_jax.checkpoint import Checkpointer
 from mllm_jax.config import ConfigError
 from mllm_jax.data import sid
+from mllm_jax.eval.beam_search import BeamSearch, left_pad
+from mllm_jax.eval.metrics import ranking_metrics, write_eval_files
+from mllm_jax.eval.sid_trie import SidTrie, build_trie
 from mllm_jax.models import hf, qwen2
 from mllm_jax.runtime import JaxConfig
 from mllm_jax.tracking import Console, WandbConfig
@@ -69,24 +74,52 @@ class TrainConfig(LoopConfig):
 
 
 @dataclass
+class EvalConfig:
+    """The SID evaluation: constrained beam search over the index's SIDs on data.test_file."""
+
+    num_beams: int = 50
+    topk: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20, 50])
+    """K of HR@K and NDCG@K; each <= num_beams."""
+    per_device_batch_size: int = 1
+    """Prompts per data-parallel device in one beam search (each carries num_beams sequences)."""
+    checkpoint: str | None = None
+    """With run_mode eval: an orbax checkpoint directory (a run's checkpoints/) whose latest step
+    is evaluated; None = the base_model weights."""
+
+    def validate(self) -> None:
+        if self.num_beams < 1 or self.per_device_batch_size < 1:
+            raise ConfigError("eval: expected num_beams >= 1 and per_device_batch_size >= 1")
+        if not self.topk or any(k < 1 or k > self.num_beams for k in self.topk):
+            raise ConfigError(f"eval.topk: expected values in 1..num_beams={self.num_beams}, got {self.topk}")
+
+
+@dataclass
 class Config:
     base_model: str = ""
     """Hugging Face model id (downloaded) or a local directory with config.json, safetensors
     weights and tokenizer.json."""
     output_dir: str | None = None
     """Run directory; None = runs/sft-<UTC time>-<short sha>."""
+    run_mode: Literal["train", "eval", "train_eval"] = "train"
+    """train: SFT with the eval loss; train_eval: also the SID evaluation at every evaluation;
+    eval: no training, only the evaluation (of base_model, eval.checkpoint, or --resume)."""
     seed: int = 42
     export_hf: bool = True
     """Write the fine-tuned model to <run dir>/hf as HF safetensors + config + tokenizer."""
     data: sid.SidDataConfig = field(default_factory=sid.SidDataConfig)
     tasks: sid.TasksConfig = field(default_factory=sid.TasksConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     jax: JaxConfig = field(default_factory=JaxConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
         if not self.base_model:
             raise ConfigError("base_model: expected a Hugging Face model id or a local model directory")
+        if self.run_mode != "train" and not self.data.test_file:
+            raise ConfigError(f"data.test_file: run_mode {self.run_mode} needs the CSV to evaluate on")
+        if self.eval.checkpoint and self.run_mode != "eval":
+            raise ConfigError("eval.checkpoint: only used with run_mode eval (training resumes with --resume)")
 
 
 @dataclass
@@ -98,8 +131,12 @@ class Prepared:
     tokenizer: Any
     eos_id: int
     token_extension: dict[str, int]
-    train: sid.TokenizedExamples
+    train: sid.TokenizedExamples | None
+    """None with run_mode eval."""
     eval: sid.TokenizedExamples | None
+    test: list[sid.TestPrompt]
+    test_ids: list[np.ndarray]
+    trie: SidTrie | None
 
 
 def seq_len(examples: sid.TokenizedExamples, max_len: int) -> int:
@@ -126,9 +163,12 @@ class SFTTask:
         self.micro = t.per_device_train_batch_size * runtime.data_parallel_size(mesh)
         self.accum = t.global_batch_size // self.micro
         self.rows = runtime.process_rows(self.micro)
-        self.seq = seq_len(prep.train, cfg.data.max_len)
-        self.steps_per_epoch = math.ceil(len(prep.train) / t.global_batch_size)
-        self.max_steps = t.max_steps or math.ceil(t.num_train_epochs * self.steps_per_epoch)
+        if prep.train is not None:
+            self.seq = seq_len(prep.train, cfg.data.max_len)
+            self.steps_per_epoch = math.ceil(len(prep.train) / t.global_batch_size)
+            self.max_steps = t.max_steps or math.ceil(t.num_train_epochs * self.steps_per_epoch)
+        else:  # run_mode eval: nothing to train, the loop only evaluates
+            self.seq, self.steps_per_epoch, self.max_steps = 0, 0, 0
 
         params, self.model_cfg = hf.load_params(prep.model_dir, prep.model_cfg, mesh, jnp.dtype(cfg.jax.param_dtype),
                                                 vocab_size=prep.token_extension["vocab_size"])
@@ -143,6 +183,9 @@ class SFTTask:
             state)
         # Committed to the same shardings the step returns: the second step must not recompile.
         self.state = jax.device_put(state, self.state_shardings)
+        if cfg.eval.checkpoint:
+            self.state = _restore_latest(cfg.eval.checkpoint, self.state)
+        self.search = BeamSearch(self.model, prep.trie, cfg.eval.num_beams, mesh) if prep.trie else None
         self.flops_per_token = qwen2.flops_per_token(self.model_cfg, self.seq)
         self._train_step = jax.jit(self._update, donate_argnums=0, out_shardings=(self.state_shardings, None))
         self._eval_sums = jax.jit(self._nll)
@@ -195,19 +238,45 @@ class SFTTask:
         return self.cfg.train.global_batch_size * self.seq
 
     def evaluate(self, state: dict[str, Any]) -> dict[str, float]:
-        """Token-mean loss over the whole held-out split (next-item prompts of data.eval_file)."""
-        data = self.prep.eval
-        if data is None:
-            return {}
+        """The eval loss over the held-out split (next-item prompts of data.eval_file), and with
+        run_mode train_eval/eval the SID evaluation on data.test_file."""
+        out = {}
+        if self.prep.eval is not None:
+            out["eval/loss"] = self._eval_loss(state["params"], self.prep.eval)
+        if self.search is not None:
+            out.update(self._sid_eval(state["params"], int(jax.device_get(state["step"]))))
+        return out
+
+    def _eval_loss(self, params: Any, data: sid.TokenizedExamples) -> float:
         seq = seq_len(data, self.cfg.data.max_len)
-        order = np.arange(len(data))
-        order = np.concatenate([order, np.full(-len(order) % self.micro, -1)]).reshape(-1, self.micro)
         sums = []
-        for idx in order:
+        for idx in _batches(len(data), self.micro):
             batch = runtime.to_global(data.batch(idx[self.rows], seq, self.prep.eos_id), self.mesh, self.micro)
-            sums.append(self._eval_sums(state["params"], batch))
+            sums.append(self._eval_sums(params, batch))
         loss, count = np.sum(np.asarray(jax.device_get(sums)), axis=0)
-        return {"eval/loss": float(loss / max(count, 1.0))}
+        return float(loss / max(count, 1.0))
+
+    def _sid_eval(self, params: Any, step: int) -> dict[str, float]:
+        """Constrained beam search over every test prompt: each process feeds its rows of each
+        batch, every process gathers all beams, process 0 writes eval_predictions.json and
+        eval_metrics.json into the run dir."""
+        prompts = self.prep.test_ids
+        size = self.cfg.eval.per_device_batch_size * runtime.data_parallel_size(self.mesh)
+        rows = runtime.process_rows(size)
+        predictions: list[list[str]] = []
+        for idx in _batches(len(prompts), size):
+            length = -(-max(len(prompts[i]) for i in idx if i >= 0) // SEQ_MULTIPLE) * SEQ_MULTIPLE
+            local = [prompts[max(i, 0)] for i in idx[rows]]  # a filler row repeats prompt 0; dropped below
+            ids, mask = left_pad(local, length, self.prep.eos_id)
+            batch = runtime.to_global({"ids": ids, "mask": mask}, self.mesh, size)
+            tokens, _ = self.search(params, batch["ids"], batch["mask"])
+            tokens = _gather(tokens)
+            predictions += [[self.prep.trie.decode(b) for b in tokens[r]] for r, i in enumerate(idx) if i >= 0]
+        targets = [p.target for p in self.prep.test]
+        result = ranking_metrics(predictions, targets, self.cfg.eval.topk, self.prep.trie.valid)
+        if jax.process_index() == 0:
+            write_eval_files(Path(self.cfg.output_dir), predictions, targets, result, step)
+        return {f"eval/{k}": float(v) for k, v in result.items()}
 
     def finish(self, state: dict[str, Any], console: Console) -> dict[str, Any]:
         t = self.cfg.train
@@ -215,7 +284,9 @@ class SFTTask:
             "base_model": self.cfg.base_model,
             "num_params": qwen2.num_params(state["params"]),
             "token_extension": self.prep.token_extension | {"padded_vocab_size": self.model_cfg.padded_vocab_size},
-            "train_examples": len(self.prep.train),
+            "run_mode": self.cfg.run_mode,
+            "train_examples": len(self.prep.train) if self.prep.train is not None else 0,
+            "test_prompts": len(self.prep.test),
             "eval_examples": len(self.prep.eval) if self.prep.eval is not None else 0,
             "seq_len": self.seq,
             "effective_batch": {"global_batch_size": t.global_batch_size,
@@ -225,12 +296,37 @@ class SFTTask:
             "steps_per_epoch": self.steps_per_epoch,
             "max_steps": self.max_steps,
         }
-        if self.cfg.export_hf:
+        if self.cfg.export_hf and self.max_steps:
             hf_dir = Path(self.cfg.output_dir) / "hf"
             hf.save_pretrained(hf_dir, state["params"], self.model_cfg, self.prep.tokenizer, self.prep.model_dir)
             out["hf_export_dir"] = str(hf_dir.absolute())
             console.print(f"exported the fine-tuned model to {hf_dir}")
         return out
+
+
+def _batches(n: int, size: int) -> list[np.ndarray]:
+    """0..n-1 in rows of `size`, the last row padded with -1 (an empty filler)."""
+    order = np.concatenate([np.arange(n), np.full(-n % size, -1)])
+    return list(order.reshape(-1, size))
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    """A global array on every process's host (all processes take part)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _restore_latest(directory: str, like: dict[str, Any]) -> dict[str, Any]:
+    checkpointer = Checkpointer(directory, every=0, keep=1)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise ConfigError(f"eval.checkpoint: no checkpoint in {directory}")
+    state = checkpointer.restore(step, like)
+    checkpointer.close()
+    return state
 
 
 def prepare(cfg: Config, mesh: jax.sharding.Mesh) -> Prepared:
@@ -252,13 +348,22 @@ def prepare(cfg: Config, mesh: jax.sharding.Mesh) -> Prepared:
     extension = {"sid_tokens": len(tokens), "added_tokens": added, "tokenizer_size_before": vocab_before,
                  "embedding_rows_before": model_cfg.vocab_size,
                  "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}
-    train = sid.tokenize(sid.build_examples(cfg.data, cfg.tasks, "train", cfg.seed), tokenizer, eos_id,
-                         cfg.data.max_len)
+    train = None
+    if cfg.run_mode != "eval":
+        train = sid.tokenize(sid.build_examples(cfg.data, cfg.tasks, "train", cfg.seed), tokenizer, eos_id,
+                             cfg.data.max_len)
     evals = None
     if cfg.data.eval_file:
         evals = sid.tokenize(sid.build_examples(cfg.data, cfg.tasks, "eval", cfg.seed), tokenizer, eos_id,
                              cfg.data.max_len)
-    return Prepared(model_dir, model_cfg, tokenizer, eos_id, extension, train, evals)
+    test, test_ids, trie = [], [], None
+    if cfg.run_mode != "train":
+        test = sid.build_test_prompts(cfg.data, cfg.seed)
+        test_ids = sid.tokenize_prompts(test, tokenizer, cfg.data.max_len)
+        trie = build_trie(index, tokenizer, eos_id)
+    if cfg.eval.checkpoint and not Path(cfg.eval.checkpoint).is_dir() and "://" not in cfg.eval.checkpoint:
+        raise ConfigError(f"eval.checkpoint: directory not found: {cfg.eval.checkpoint}")
+    return Prepared(model_dir, model_cfg, tokenizer, eos_id, extension, train, evals, test, test_ids, trie)
 
 
 def build(cfg: Config, mesh: jax.sharding.Mesh) -> Callable[[], SFTTask]:

@@ -1,0 +1,251 @@
+"""Constrained beam search over the SID trie, in JAX with the KV cache: MiniOneRec's evaluation
+decoding (transformers `generate(num_beams=K, num_return_sequences=K, length_penalty=0.0,
+do_sample=False)` with its ConstrainedLogitsProcessor), compiled once per batch shape.
+
+What transformers does there, and what we do (tests/test_beam_search.py checks it against
+transformers itself):
+
+- Scores are sums of log-probs over the whole vocabulary (log_softmax of the float32 logits; the
+  processor sets disallowed tokens to -inf without renormalising), and with length_penalty 0 a
+  sequence's final score is that plain sum, "\\n" and EOS included.
+- Beams start from the prompt with scores [0, -1e9, ...]: the first step draws its K candidates from
+  one beam. Every step keeps the K best (beam, allowed token) continuations, best first (ties: the
+  lower beam, then the lower token id, i.e. the lower flat index; torch's topk does not promise an
+  order for exact ties). No sequence ends before `depth` SID tokens + the suffix, where all end
+  together, so the result is the K best of the final step, sorted by their full scores.
+- We compute only what can matter: the prompt is prefilled once per prompt (transformers prefills it
+  once per beam, and copies its whole cache at every step to reorder the beams); its KV cache is
+  shared by the prompt's beams, which keep only their generated tokens' keys/values (depth + suffix
+  - 1 slots, reordered at each step); each step gathers the log-probs of each beam's trie children
+  only (a logsumexp over the vocabulary, no masked copy of it). The steps run in one lax.scan.
+- Fewer valid continuations than beams (a root with fewer than K children, or fewer than K items):
+  transformers then fills the missing beams with copies of real prefixes scored about -1e9, which
+  drop out as soon as K real continuations exist. We keep such beams as dead ones, score -inf and
+  tokens -1 (SidTrie.decode gives ""), so the real beams, their order and scores are the same, and
+  when the index has fewer than K items the extra beams are -inf / "" rather than -1e9 duplicates.
+- MiniOneRec keys the first step on the prompt's last tokens ("### Response:\\n"); here the root is
+  that key, so prompts must end with the response header, as the eval prompts do.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mllm_jax.config import ConfigError
+from mllm_jax.eval.sid_trie import SidTrie
+from mllm_jax.models.gpt import Linear
+from mllm_jax.models.qwen2 import MASK_VALUE, MLP, Qwen2, RMSNorm, apply_rope, init_cache, rope_cos_sin
+from mllm_jax.runtime import BATCH_AXES
+
+
+def left_pad(prompts: list[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id prompts -> (ids (N, length) int32 left-padded with pad_id, mask (N, length) bool,
+    True on the prompt tokens)."""
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, p in enumerate(prompts):
+        p = np.asarray(p, np.int32).reshape(-1)
+        if not 0 < len(p) <= length:
+            raise ValueError(f"prompt {row} has {len(p)} tokens: expected 1..{length}")
+        ids[row, length - len(p):] = p
+        mask[row, length - len(p):] = True
+    return ids, mask
+
+
+def _search_tables(trie: SidTrie) -> tuple[np.ndarray, np.ndarray, int]:
+    """The trie's tables extended with the suffix and a dead node: every leaf's only child is
+    suffix[0], then a chain of one-child nodes spells the rest of the suffix; the dead node (the
+    last row) has no children. Returns (next_tokens, next_node, dead)."""
+    n, width = trie.next_tokens.shape
+    m = len(trie.suffix)
+    tokens = np.full((n + m + 1, max(width, 1)), -1, np.int32)
+    nodes = np.full_like(tokens, -1)
+    tokens[:n, :width], nodes[:n, :width] = trie.next_tokens, trie.next_node
+    leaves = np.flatnonzero((trie.next_tokens < 0).all(axis=1))
+    tokens[leaves, 0], nodes[leaves, 0] = trie.suffix[0], n
+    for i in range(1, m):
+        tokens[n + i - 1, 0], nodes[n + i - 1, 0] = trie.suffix[i], n + i
+    return tokens, nodes, n + m
+
+
+class BeamSearch:
+    """K-beam search constrained to the SIDs of `trie`, then its forced "\\n" + EOS suffix.
+
+    `search(params, input_ids, attention_mask)` (or calling the object) takes (B, L) left-padded
+    prompts (global arrays, the batch over BATCH_AXES; every prompt must end with "### Response:\\n")
+    and returns (sid_tokens (B, K, depth) int32, scores (B, K) float32), best first; dead beams (fewer
+    than K items reachable) are -1 / -inf. One jitted program per (B, L): a bucketed batch shape
+    compiles once (`compiles()` counts them). `model` may compute in bfloat16 (its dtype); the
+    scores are float32 sums either way. `mesh` None: no sharding constraints (one device).
+    """
+
+    def __init__(self, model: Qwen2, trie: SidTrie, num_beams: int, mesh: Mesh | None = None):
+        if not isinstance(num_beams, int) or num_beams < 1:
+            raise ConfigError(f"num_beams: expected a positive integer, got {num_beams!r}")
+        used = [*trie.id_to_token, *trie.suffix.tolist()]
+        if max(used) >= model.cfg.vocab_size or min(used) < 0:
+            raise ConfigError(f"SID trie: token id {max(used)} is outside the model's vocabulary of "
+                              f"{model.cfg.vocab_size} (load the params with the SID tokens added)")
+        self.model, self.trie, self.num_beams, self.mesh = model, trie, num_beams, mesh
+        self.depth = trie.depth
+        self.steps = trie.depth + len(trie.suffix)
+        tokens, nodes, self._dead = _search_tables(trie)
+        self._width = tokens.shape[1]
+        if mesh is None:
+            self._tables = (jnp.asarray(tokens), jnp.asarray(nodes))
+        else:  # replicated; built from each process's own copy, so multi-host works too
+            self._tables = tuple(jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda i, x=x: x[i])
+                                 for x in (tokens, nodes))
+        self._search = jax.jit(self._run)
+
+    def __call__(self, params, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self._search(params, input_ids, attention_mask, *self._tables)
+
+    search = __call__
+
+    def compiles(self) -> int:
+        """How many programs were compiled so far (one per distinct input shape)."""
+        return self._search._cache_size()
+
+    # ------------------------------------------------------------------------------ the program
+
+    def _constrain(self, x: jax.Array, *rest) -> jax.Array:
+        """Batch axis (0) of x over the data-parallel axes, if it divides; `rest` for later axes."""
+        if self.mesh is None:
+            return x
+        dp = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+        if x.shape[0] % dp:
+            return x
+        rest = tuple(a if a is None or x.shape[i + 1] % self.mesh.shape[a] == 0 else None
+                     for i, a in enumerate(rest))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(BATCH_AXES, *rest)))
+
+    def _decode(self, params, tok, pos, prompt_kv, prompt_mask, gen_kv, t):
+        """One token per beam through the decoder: tok, pos (B, K) -> (logits (B, K, V) float32,
+        gen_kv with this token's keys/values written at slot t).
+
+        The same computation as Qwen2.__call__ with a cache (its RMSNorm, Linear, rope and MLP, applied
+        to the same parameters), but attending over two caches: the prompt's (B, L, KVH, hd), shared by
+        the K beams of a prompt instead of copied K times, and the beams' own generated tokens
+        (B, K, G, KVH, hd). Reading the prompt once per prompt, not once per beam, is most of the
+        decode cost saved on CPU."""
+        model, cfg = self.model, self.model.cfg
+        dtype, pdt = model.dtype, model.param_dtype
+        B, K = tok.shape
+        H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        G = gen_kv[0][0].shape[2]
+
+        def norm(p, x):
+            return RMSNorm(cfg.rms_norm_eps, dtype, pdt).apply({"params": p}, x)
+
+        def dense(p, features, x):
+            return Linear(features, "bias" in p, 0.02, dtype, pdt).apply({"params": p}, x)
+
+        embedding = params["embed_tokens"]["embedding"]
+        x = jnp.take(embedding, tok, axis=0).astype(dtype)
+        cos, sin = rope_cos_sin(pos, hd, cfg.rope_theta)
+        gen_valid = (jnp.arange(G) <= t)[None, None, None, None, :]
+        prompt_valid = prompt_mask[:, None, None, None, :]
+        new_kv = []
+        for i, (pk, pv) in enumerate(prompt_kv):
+            layer = params[f"layers_{i}"]
+            attn = layer["self_attn"]
+            h = norm(layer["input_layernorm"], x)
+            q = dense(attn["q_proj"], H * hd, h).reshape(B, K, H, hd)
+            k = dense(attn["k_proj"], KVH * hd, h).reshape(B, K, KVH, hd)
+            v = dense(attn["v_proj"], KVH * hd, h).reshape(B, K, KVH, hd)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            gk, gv = gen_kv[i]
+            gk = jax.lax.dynamic_update_slice(gk, k[:, :, None].astype(gk.dtype), (0, 0, t, 0, 0))
+            gv = jax.lax.dynamic_update_slice(gv, v[:, :, None].astype(gv.dtype), (0, 0, t, 0, 0))
+            new_kv.append((gk, gv))
+            q = q.reshape(B, K, KVH, H // KVH, hd)
+            sp = jnp.einsum("bnkgd,blkd->bkgnl", q, pk.astype(dtype), preferred_element_type=jnp.float32)
+            sg = jnp.einsum("bnkgd,bnskd->bkgns", q, gk.astype(dtype), preferred_element_type=jnp.float32)
+            scores = jnp.concatenate([jnp.where(prompt_valid, sp * hd**-0.5, MASK_VALUE),
+                                      jnp.where(gen_valid, sg * hd**-0.5, MASK_VALUE)], axis=-1)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+            L = pk.shape[1]
+            y = (jnp.einsum("bkgnl,blkd->bnkgd", probs[..., :L], pv.astype(dtype))
+                 + jnp.einsum("bkgns,bnskd->bnkgd", probs[..., L:], gv.astype(dtype)))
+            x = x + dense(attn["o_proj"], cfg.hidden_size, y.reshape(B, K, H * hd))
+            mlp = MLP(cfg, dtype, pdt).apply({"params": layer["mlp"]}, norm(layer["post_attention_layernorm"], x))
+            x = x + mlp
+        x = norm(params["norm"], x)
+        if cfg.tie_word_embeddings:
+            logits = jnp.dot(x, embedding.astype(dtype).T)
+        else:
+            logits = dense(params["lm_head"], cfg.padded_vocab_size, x)
+        logits = logits.astype(jnp.float32)
+        if cfg.padded_vocab_size > cfg.vocab_size:
+            logits = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, MASK_VALUE)
+        return logits, new_kv
+
+    def _run(self, params, input_ids, attention_mask, next_tokens, next_node):
+        model, cfg = self.model, self.model.cfg
+        K, T, C = self.num_beams, self.steps, self._width
+        B, L = input_ids.shape
+        G = T - 1  # every generated token but the last (EOS) is fed back
+        input_ids = self._constrain(input_ids)
+        mask = self._constrain(attention_mask.astype(bool))
+        prompt_len = jnp.sum(mask, axis=1, dtype=jnp.int32)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+
+        # Prefill once per prompt. All but the last token first: their logits are unused, so XLA
+        # drops that LM-head matmul; the last token then gives the first step's logits.
+        def apply(ids, pos, cache):
+            return model.apply({"params": params}, ids, pos, mask, cache)
+
+        cache = init_cache(cfg, B, L, model.dtype)
+        cache = {**cache, "k": [self._constrain(a, None, "tp") for a in cache["k"]],
+                 "v": [self._constrain(a, None, "tp") for a in cache["v"]]}
+        if L > 1:
+            _, cache = apply(input_ids[:, :-1], positions[:, :-1], cache)
+        logits, cache = apply(input_ids[:, -1:], positions[:, -1:], cache)
+        prompt_kv = list(zip(cache["k"], cache["v"]))
+
+        def children_logp(logits, node):
+            """log-probs (B, K, C) of each beam's children; logits (B, K, V), node (B, K)."""
+            toks = next_tokens[node]
+            lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+            return jnp.take_along_axis(logits, jnp.maximum(toks, 0), axis=-1) - lse
+
+        node = jnp.zeros((B, K), jnp.int32)
+        cand_lp = children_logp(jnp.broadcast_to(logits[:, :1], (B, K, logits.shape[-1])), node)
+        scores = self._constrain(jnp.full((B, K), -jnp.inf, jnp.float32).at[:, 0].set(0.0))
+        hist = jnp.full((B, K, T), -1, jnp.int32)
+        gen_shape = (B, K, G, cfg.num_key_value_heads, cfg.head_dim)
+        gen_kv = [tuple(self._constrain(jnp.zeros(gen_shape, model.dtype), None, None, "tp") for _ in "kv")
+                  for _ in prompt_kv]
+
+        def select(scores, node, hist, cand_lp, t):
+            toks, kids = next_tokens[node], next_node[node]  # (B, K, C)
+            cand = jnp.where(toks >= 0, scores[..., None] + cand_lp, -jnp.inf).reshape(B, K * C)
+            top, flat = jax.lax.top_k(cand, K)
+            parent = flat // C
+            alive = top > -jnp.inf
+            tok = jnp.where(alive, jnp.take_along_axis(toks.reshape(B, K * C), flat, axis=1), -1)
+            node = jnp.where(alive, jnp.take_along_axis(kids.reshape(B, K * C), flat, axis=1), self._dead)
+            hist = jnp.take_along_axis(hist, parent[..., None], axis=1)
+            hist = jax.lax.dynamic_update_slice(hist, tok[..., None], (0, 0, t))
+            return top, node, hist, tok, parent
+
+        def follow(a, parent):  # each beam's generated keys/values come from its parent beam
+            return jnp.take_along_axis(a, parent.reshape((B, K) + (1,) * (a.ndim - 2)), axis=1)
+
+        def step(carry, t):
+            scores, node, hist, cand_lp, gen_kv = carry
+            scores, node, hist, tok, parent = select(scores, node, hist, cand_lp, t)
+            gen_kv = [(follow(k, parent), follow(v, parent)) for k, v in gen_kv]
+            logits, gen_kv = self._decode(params, jnp.maximum(tok, 0), prompt_len[:, None] + t, prompt_kv, mask,
+                                          gen_kv, t)
+            return (scores, node, hist, children_logp(logits, node), gen_kv), None
+
+        carry = (scores, node, hist, cand_lp, gen_kv)
+        (scores, node, hist, cand_lp, _), _ = jax.lax.scan(step, carry, jnp.arange(G))
+        scores, _, hist, _, _ = select(scores, node, hist, cand_lp, T - 1)
+        sids = jnp.where((scores > -jnp.inf)[..., None], hist[:, :, :self.depth], -1)
+        return self._constrain(sids), self._constrain(scores)
