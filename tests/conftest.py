@@ -42,6 +42,20 @@ def run_trainer(*args: str, cwd: Path, devices: int = 1, env: dict[str, str] | N
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_hosts(*args: str, cwd: Path, recipe: str = "nanogpt", processes: int = 2, devices: int = 4,
+              timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """The trainer as `processes` jax.distributed processes of `devices` CPU devices each, the
+    way the launcher starts one per TPU worker; waits for all of them."""
+    port = free_port()
+    procs = [
+        subprocess.Popen(trainer_cmd(*args, recipe=recipe), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=trainer_env(devices, MLLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                    MLLM_NUM_PROCESSES=str(processes), MLLM_PROCESS_ID=str(pid)))
+        for pid in range(processes)
+    ]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *p.communicate(timeout=timeout)) for p in procs]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

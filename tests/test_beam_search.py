@@ -202,16 +202,15 @@ def test_one_compile_per_shape_and_bf16(setup):
 
 @pytest.mark.parametrize("tied,dtype", [(True, jnp.float32), (False, jnp.float32), (False, jnp.bfloat16)])
 def test_decode_step_matches_model(tmp_path, tied, dtype):
-    """The beams' decode step (shared prompt cache + per-beam cache) gives the logits of the model's
-    own forward over prompt + generated tokens, for tied/untied heads and a padded vocabulary."""
+    """The beams' decode step (the model with the prompts' cache as a shared prefix + the beams' own
+    cache) gives the logits of the model's own forward over prompt + generated tokens, for tied/untied
+    heads and a padded vocabulary."""
     d = write_tiny_model(tmp_path, tie_word_embeddings=tied)
     tok = hf.load_tokenizer(d)
     hf.add_tokens(tok, ALL_SID_TOKENS)
     params, cfg = hf.load_params(d, hf.load_config(d), mesh1(), np.float32, vocab_size=tok.get_vocab_size())
     assert cfg.padded_vocab_size > cfg.vocab_size
     model = Qwen2(cfg, dtype=dtype)
-    trie = build_trie(random_index(0, 2, 20), tok, tok.token_to_id(EOS_TOKEN))
-    search = BeamSearch(model, trie, 3, mesh1())
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, n) for n in (4, 7)]
     ids, mask = left_pad(prompts, 8, 0)
@@ -220,13 +219,13 @@ def test_decode_step_matches_model(tmp_path, tied, dtype):
     cache = init_cache(cfg, 2, 8, dtype)
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     _, cache = model.apply({"params": params}, ids, pos, mask, cache)
-    prompt_kv = list(zip(cache["k"], cache["v"]))
-    gen_kv = [(jnp.zeros((2, 3, 3, cfg.num_key_value_heads, cfg.head_dim), dtype),) * 2 for _ in prompt_kv]
+    prefix = {"k": cache["k"], "v": cache["v"], "mask": mask}
+    own = init_cache(cfg, 6, 3, dtype)
     lengths = mask.sum(1)
-    decode = jax.jit(search._decode)
+    decode = jax.jit(lambda tok, pos, own: model.apply({"params": params}, tok, pos, None, own, prefix))
     forward = jax.jit(lambda ids, pos, mask: model.apply({"params": params}, ids, pos, mask)[0][:, -1])
     for t in range(3):
-        logits, gen_kv = decode(params, gen[:, :, t], lengths[:, None] + t, prompt_kv, mask, gen_kv, t)
+        logits, own = decode(gen[:, :, t].reshape(6, 1), np.repeat(lengths, 3)[:, None] + t, own)
         # Reference: each beam's whole sequence (left-padded prompt + its tokens) through the model.
         full = np.concatenate([np.repeat(ids, 3, axis=0), gen[:, :, :t + 1].reshape(6, -1)], axis=1)
         full_mask = np.concatenate([np.repeat(mask, 3, axis=0), np.ones((6, t + 1), bool)], axis=1)

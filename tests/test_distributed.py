@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 
-from conftest import SMOKE, free_port, losses, run_trainer, trainer_cmd, trainer_env
+from conftest import SMOKE, losses, run_hosts, run_trainer
 
 
 def test_two_processes_match_one_process(tmp_path, shakespeare):
@@ -19,17 +18,9 @@ def test_two_processes_match_one_process(tmp_path, shakespeare):
     assert single.returncode == 0, single.stderr
 
     multi_dir = tmp_path / "multi"
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            trainer_cmd(*common, "--set", f"output_dir={multi_dir}"), cwd=tmp_path,
-            env=trainer_env(4, MLLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MLLM_NUM_PROCESSES="2",
-                            MLLM_PROCESS_ID=str(pid)),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for pid in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    procs = run_hosts(*common, "--set", f"output_dir={multi_dir}", cwd=tmp_path)
+    outputs = [p.stdout for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr for p in procs]
     assert (tmp_path / "shared-checkpoints" / "20").is_dir()
 
     one, two = (json.loads((d / "run_summary.json").read_text()) for d in (tmp_path / "single", multi_dir))
@@ -46,18 +37,10 @@ def test_two_processes_match_one_process(tmp_path, shakespeare):
 
 
 def test_several_processes_need_a_shared_checkpoint_dir(tmp_path, shakespeare):
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            trainer_cmd("--config", str(SMOKE), "--set", f"data.path={shakespeare}"), cwd=tmp_path,
-            env=trainer_env(1, MLLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MLLM_NUM_PROCESSES="2",
-                            MLLM_PROCESS_ID=str(pid)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for pid in range(2)
-    ]
-    results = [p.communicate(timeout=120) for p in procs]
+    procs = run_hosts("--config", str(SMOKE), "--set", f"data.path={shakespeare}", cwd=tmp_path, devices=1,
+                      timeout=120)
     assert [p.returncode for p in procs] == [2, 2]
-    for _, err in results:
-        assert err.strip().splitlines()[-1].startswith(
+    for p in procs:
+        assert p.stderr.strip().splitlines()[-1].startswith(
             "error: train.checkpoint_dir: a run of 2 processes needs a directory every worker shares")
     assert not (tmp_path / "runs").exists()

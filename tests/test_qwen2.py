@@ -243,6 +243,41 @@ def test_kv_cache_decoding_matches_full_forward(tmp_path):
         np.testing.assert_allclose(jnp.stack([x[i] for x in last]), ref[0, len(s) - 1:], atol=1e-5)
 
 
+def test_shared_prefix_matches_repeated_prompt(tmp_path):
+    """A call with `prefix` (R rows per prompt, each with its own cache) gives the logits of the plain
+    cached model on each prompt repeated R times, and fills the own cache with the same keys/values."""
+    model, params, cfg = load_ours(write_tiny_model(tmp_path))
+    apply = jax.jit(lambda *a: model.apply({"params": params}, *a))
+    R, L = 3, 6
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, cfg.vocab_size, (2, L)).astype(np.int32)
+    valid = np.ones((2, L), bool)
+    valid[0, :3] = False  # left padding
+    pos = np.maximum(np.cumsum(valid, 1) - 1, 0)
+    new = rng.integers(0, cfg.vocab_size, (2 * R, 3)).astype(np.int32)  # different tokens in every row
+    new_pos = np.repeat(valid.sum(1), R)[:, None] + np.arange(3)
+
+    # Reference: every prompt repeated R times in one cache, then 2 new tokens, then 1.
+    mask = np.concatenate([np.repeat(valid, R, axis=0), np.ones((2 * R, 3), bool)], axis=1)
+    _, cache = apply(np.repeat(ids, R, axis=0), np.repeat(pos, R, axis=0), mask, init_cache(cfg, 2 * R, L + 3))
+    want_a, cache = apply(new[:, :2], new_pos[:, :2], mask, cache)
+    want_b, cache = apply(new[:, 2:], new_pos[:, 2:], mask, cache)
+
+    # Prefix: each prompt's cache once, shared by its R rows; the own cache holds the new tokens only.
+    _, pcache = apply(ids, pos, valid, init_cache(cfg, 2, L))
+    prefix = {"k": pcache["k"], "v": pcache["v"], "mask": valid}
+    prefixed = jax.jit(lambda ids, pos, own: model.apply({"params": params}, ids, pos, None, own, prefix))
+    got_a, own = prefixed(new[:, :2], None, init_cache(cfg, 2 * R, 3))  # default positions: prompt length + slot
+    got_b, own = prefixed(new[:, 2:], new_pos[:, 2:], own)
+    np.testing.assert_allclose(got_a, want_a, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got_b, want_b, atol=1e-5, rtol=0)
+    assert int(own["index"]) == 3
+    for a, b in zip(own["k"] + own["v"], cache["k"] + cache["v"]):
+        np.testing.assert_allclose(a, b[:, L:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not a multiple"):
+        model.apply({"params": params}, new[:5], prefix=prefix)
+
+
 def test_param_specs_rules():
     shapes = {"embed_tokens": {"embedding": jax.ShapeDtypeStruct((512, 64), np.float32)},
               "layers_0": {"self_attn": {"q_proj": {"kernel": jax.ShapeDtypeStruct((64, 64), np.float32),

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import (INDUSTRIAL_VALID, free_port, losses, read_metrics, run_trainer, sft_args, trainer_cmd,
-                      trainer_env)
+from conftest import INDUSTRIAL_VALID, losses, read_metrics, run_hosts, run_trainer, sft_args, trainer_env
 
 
 def run_sft(model_dir: Path, tmp_path: Path, name: str, *sets: str, devices: int = 1):
@@ -166,17 +164,9 @@ def test_two_processes_match_one_process(tiny_qwen2, tmp_path):
     assert single.returncode == 0, single.stderr
 
     multi_dir = tmp_path / "multi"
-    port = free_port()
     args = sft_args(tiny_qwen2, *common, f"output_dir={multi_dir}", f"train.checkpoint_dir={tmp_path / 'ckpt'}")
-    procs = [
-        subprocess.Popen(trainer_cmd(*args, recipe="sft"), cwd=tmp_path,
-                         env=trainer_env(4, MLLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MLLM_NUM_PROCESSES="2",
-                                         MLLM_PROCESS_ID=str(pid)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for pid in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    procs = run_hosts(*args, cwd=tmp_path, recipe="sft")
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr for p in procs]
     two = json.loads((multi_dir / "run_summary.json").read_text())
     assert (two["process_count"], two["device_count"]) == (2, 8)
     assert two["eval_metrics"] == json.loads((single_dir / "run_summary.json").read_text())["eval_metrics"]

@@ -15,8 +15,9 @@ transformers itself):
   together, so the result is the K best of the final step, sorted by their full scores.
 - We compute only what can matter: the prompt is prefilled once per prompt (transformers prefills it
   once per beam, and copies its whole cache at every step to reorder the beams); its KV cache is
-  shared by the prompt's beams, which keep only their generated tokens' keys/values (depth + suffix
-  - 1 slots, reordered at each step); each step gathers the log-probs of each beam's trie children
+  shared by the prompt's beams as the model's `prefix` (read once per prompt, not once per beam), and
+  the beams' own cache holds only their generated tokens' keys/values (depth + suffix - 1 slots,
+  reordered at each step); each step gathers the log-probs of each beam's trie children
   only (a logsumexp over the vocabulary, no masked copy of it). The steps run in one lax.scan.
 - Fewer valid continuations than beams (a root with fewer than K children, or fewer than K items):
   transformers then fills the missing beams with copies of real prefixes scored about -1e9, which
@@ -36,8 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mllm_jax.config import ConfigError
 from mllm_jax.eval.sid_trie import SidTrie
-from mllm_jax.models.gpt import Linear
-from mllm_jax.models.qwen2 import MASK_VALUE, MLP, Qwen2, RMSNorm, apply_rope, init_cache, rope_cos_sin
+from mllm_jax.models.qwen2 import Qwen2, init_cache
 from mllm_jax.runtime import BATCH_AXES
 
 
@@ -123,67 +123,6 @@ class BeamSearch:
                      for i, a in enumerate(rest))
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(BATCH_AXES, *rest)))
 
-    def _decode(self, params, tok, pos, prompt_kv, prompt_mask, gen_kv, t):
-        """One token per beam through the decoder: tok, pos (B, K) -> (logits (B, K, V) float32,
-        gen_kv with this token's keys/values written at slot t).
-
-        The same computation as Qwen2.__call__ with a cache (its RMSNorm, Linear, rope and MLP, applied
-        to the same parameters), but attending over two caches: the prompt's (B, L, KVH, hd), shared by
-        the K beams of a prompt instead of copied K times, and the beams' own generated tokens
-        (B, K, G, KVH, hd). Reading the prompt once per prompt, not once per beam, is most of the
-        decode cost saved on CPU."""
-        model, cfg = self.model, self.model.cfg
-        dtype, pdt = model.dtype, model.param_dtype
-        B, K = tok.shape
-        H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        G = gen_kv[0][0].shape[2]
-
-        def norm(p, x):
-            return RMSNorm(cfg.rms_norm_eps, dtype, pdt).apply({"params": p}, x)
-
-        def dense(p, features, x):
-            return Linear(features, "bias" in p, 0.02, dtype, pdt).apply({"params": p}, x)
-
-        embedding = params["embed_tokens"]["embedding"]
-        x = jnp.take(embedding, tok, axis=0).astype(dtype)
-        cos, sin = rope_cos_sin(pos, hd, cfg.rope_theta)
-        gen_valid = (jnp.arange(G) <= t)[None, None, None, None, :]
-        prompt_valid = prompt_mask[:, None, None, None, :]
-        new_kv = []
-        for i, (pk, pv) in enumerate(prompt_kv):
-            layer = params[f"layers_{i}"]
-            attn = layer["self_attn"]
-            h = norm(layer["input_layernorm"], x)
-            q = dense(attn["q_proj"], H * hd, h).reshape(B, K, H, hd)
-            k = dense(attn["k_proj"], KVH * hd, h).reshape(B, K, KVH, hd)
-            v = dense(attn["v_proj"], KVH * hd, h).reshape(B, K, KVH, hd)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            gk, gv = gen_kv[i]
-            gk = jax.lax.dynamic_update_slice(gk, k[:, :, None].astype(gk.dtype), (0, 0, t, 0, 0))
-            gv = jax.lax.dynamic_update_slice(gv, v[:, :, None].astype(gv.dtype), (0, 0, t, 0, 0))
-            new_kv.append((gk, gv))
-            q = q.reshape(B, K, KVH, H // KVH, hd)
-            sp = jnp.einsum("bnkgd,blkd->bkgnl", q, pk.astype(dtype), preferred_element_type=jnp.float32)
-            sg = jnp.einsum("bnkgd,bnskd->bkgns", q, gk.astype(dtype), preferred_element_type=jnp.float32)
-            scores = jnp.concatenate([jnp.where(prompt_valid, sp * hd**-0.5, MASK_VALUE),
-                                      jnp.where(gen_valid, sg * hd**-0.5, MASK_VALUE)], axis=-1)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-            L = pk.shape[1]
-            y = (jnp.einsum("bkgnl,blkd->bnkgd", probs[..., :L], pv.astype(dtype))
-                 + jnp.einsum("bkgns,bnskd->bnkgd", probs[..., L:], gv.astype(dtype)))
-            x = x + dense(attn["o_proj"], cfg.hidden_size, y.reshape(B, K, H * hd))
-            mlp = MLP(cfg, dtype, pdt).apply({"params": layer["mlp"]}, norm(layer["post_attention_layernorm"], x))
-            x = x + mlp
-        x = norm(params["norm"], x)
-        if cfg.tie_word_embeddings:
-            logits = jnp.dot(x, embedding.astype(dtype).T)
-        else:
-            logits = dense(params["lm_head"], cfg.padded_vocab_size, x)
-        logits = logits.astype(jnp.float32)
-        if cfg.padded_vocab_size > cfg.vocab_size:
-            logits = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, MASK_VALUE)
-        return logits, new_kv
-
     def _run(self, params, input_ids, attention_mask, next_tokens, next_node):
         model, cfg = self.model, self.model.cfg
         K, T, C = self.num_beams, self.steps, self._width
@@ -205,7 +144,9 @@ class BeamSearch:
         if L > 1:
             _, cache = apply(input_ids[:, :-1], positions[:, :-1], cache)
         logits, cache = apply(input_ids[:, -1:], positions[:, -1:], cache)
-        prompt_kv = list(zip(cache["k"], cache["v"]))
+        # The prompt's cache becomes the beams' shared prefix; each beam's own cache (rows b*K..b*K+K-1
+        # for prompt b) holds only its generated tokens.
+        prefix = {"k": cache["k"], "v": cache["v"], "mask": mask}
 
         def children_logp(logits, node):
             """log-probs (B, K, C) of each beam's children; logits (B, K, V), node (B, K)."""
@@ -217,9 +158,9 @@ class BeamSearch:
         cand_lp = children_logp(jnp.broadcast_to(logits[:, :1], (B, K, logits.shape[-1])), node)
         scores = self._constrain(jnp.full((B, K), -jnp.inf, jnp.float32).at[:, 0].set(0.0))
         hist = jnp.full((B, K, T), -1, jnp.int32)
-        gen_shape = (B, K, G, cfg.num_key_value_heads, cfg.head_dim)
-        gen_kv = [tuple(self._constrain(jnp.zeros(gen_shape, model.dtype), None, None, "tp") for _ in "kv")
-                  for _ in prompt_kv]
+        gen = init_cache(cfg, B * K, G, model.dtype)
+        gen = {**gen, "k": [self._constrain(a, None, "tp") for a in gen["k"]],
+               "v": [self._constrain(a, None, "tp") for a in gen["v"]]}
 
         def select(scores, node, hist, cand_lp, t):
             toks, kids = next_tokens[node], next_node[node]  # (B, K, C)
@@ -234,17 +175,22 @@ class BeamSearch:
             return top, node, hist, tok, parent
 
         def follow(a, parent):  # each beam's generated keys/values come from its parent beam
-            return jnp.take_along_axis(a, parent.reshape((B, K) + (1,) * (a.ndim - 2)), axis=1)
+            a = a.reshape((B, K) + a.shape[1:])
+            return jnp.take_along_axis(a, parent.reshape((B, K) + (1,) * (a.ndim - 2)), axis=1).reshape(
+                (B * K,) + a.shape[2:])
 
         def step(carry, t):
-            scores, node, hist, cand_lp, gen_kv = carry
+            scores, node, hist, cand_lp, gen = carry
             scores, node, hist, tok, parent = select(scores, node, hist, cand_lp, t)
-            gen_kv = [(follow(k, parent), follow(v, parent)) for k, v in gen_kv]
-            logits, gen_kv = self._decode(params, jnp.maximum(tok, 0), prompt_len[:, None] + t, prompt_kv, mask,
-                                          gen_kv, t)
-            return (scores, node, hist, children_logp(logits, node), gen_kv), None
+            gen = {"k": [follow(a, parent) for a in gen["k"]], "v": [follow(a, parent) for a in gen["v"]],
+                   "index": t}
+            pos = jnp.broadcast_to(prompt_len[:, None] + t, (B, K)).reshape(B * K, 1)
+            logits, gen = model.apply({"params": params}, jnp.maximum(tok, 0).reshape(B * K, 1), pos, None, gen,
+                                      prefix)
+            logits = logits.reshape(B, K, -1)
+            return (scores, node, hist, children_logp(logits, node), gen), None
 
-        carry = (scores, node, hist, cand_lp, gen_kv)
+        carry = (scores, node, hist, cand_lp, gen)
         (scores, node, hist, cand_lp, _), _ = jax.lax.scan(step, carry, jnp.arange(G))
         scores, _, hist, _, _ = select(scores, node, hist, cand_lp, T - 1)
         sids = jnp.where((scores > -jnp.inf)[..., None], hist[:, :, :self.depth], -1)

@@ -99,10 +99,14 @@ class _Sublayer(nn.Module):
 
 class Attention(_Sublayer):
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
+    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None, prefix=None):
         """mask (B, T, S) marks the keys each query may see. With kv_cache=(k, v), each
         (B, S_max, KVH, hd), the new keys/values are written at [index, index+T) and
-        attention runs over the whole cache; returns (y, (k, v) updated or None)."""
+        attention runs over the whole cache; returns (y, (k, v) updated or None).
+
+        prefix=(k, v, mask): keys/values (Bp, Lp, KVH, hd) and valid keys (Bp, Lp) that precede
+        every query of the Bp contiguous groups of B // Bp rows; each row also attends to its
+        group's valid prefix keys, read once per group (one softmax over both key sets)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -121,9 +125,25 @@ class Attention(_Sublayer):
         q = q.reshape(B, T, KVH, H // KVH, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * hd**-0.5
         scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+        if prefix is not None:
+            pk, pv, pmask = prefix
+            Bp, Lp = pmask.shape
+            qp = q.reshape(Bp, B // Bp, T, KVH, H // KVH, hd)
+            sp = jnp.einsum("prtkgd,plkd->prkgtl", qp, pk.astype(self.dtype),
+                            preferred_element_type=jnp.float32) * hd**-0.5
+            sp = jnp.where(pmask[:, None, None, None, None], sp, MASK_VALUE).reshape(B, KVH, H // KVH, T, Lp)
+            scores = jnp.concatenate([sp, scores], axis=-1)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        y = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * hd)
-        return self.dense(cfg.hidden_size, False, "o_proj")(y), new_cache
+        # Values first in the PV einsums: XLA then emits (queries x keys) @ (keys x hd), vectorised
+        # over hd; the other operand order is up to 2-3x slower on CPU at decode shapes.
+        if prefix is not None:
+            pp = probs[..., :Lp].reshape(Bp, B // Bp, KVH, H // KVH, T, Lp)
+            probs = probs[..., Lp:]
+            y = (jnp.einsum("plkd,prkgtl->prtkgd", pv.astype(self.dtype), pp).reshape(q.shape)
+                 + jnp.einsum("bskd,bkgts->btkgd", v, probs))
+        else:
+            y = jnp.einsum("bskd,bkgts->btkgd", v, probs)
+        return self.dense(cfg.hidden_size, False, "o_proj")(y.reshape(B, T, H * hd)), new_cache
 
 
 class MLP(_Sublayer):
@@ -136,10 +156,10 @@ class MLP(_Sublayer):
 
 class DecoderLayer(_Sublayer):
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
+    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None, prefix=None):
         norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
         y, new_cache = Attention(self.cfg, self.dtype, self.param_dtype, name="self_attn")(
-            norm("input_layernorm")(x), cos, sin, mask, kv_cache, index)
+            norm("input_layernorm")(x), cos, sin, mask, kv_cache, index, prefix)
         x = x + y
         x = x + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(x))
         return x, new_cache
@@ -164,20 +184,33 @@ class Qwen2(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+                 attention_mask: jax.Array | None = None, cache: dict | None = None,
+                 prefix: dict | None = None) -> tuple[jax.Array, dict | None]:
         """Token ids (B, T) -> (logits (B, T, padded_vocab_size) float32, updated cache or None).
 
         Attention is always causal (by slot); `attention_mask` marks valid keys, (B, T), or
         (B, max_len) with a cache, e.g. False on left padding. `positions` (B, T) feed the
         rotary embedding; by default the slot numbers. With a cache the T new tokens occupy
         slots [index, index+T) and see every valid earlier slot.
+
+        `prefix`: a cache computed earlier for Bp prompts, {"k": [layers x (Bp, Lp, KVH, hd)],
+        "v": same, "mask": (Bp, Lp) valid keys}, shared by B // Bp rows each (row r belongs to
+        prompt r // (B // Bp)), e.g. the beams of a beam search: every token also sees its
+        prompt's valid prefix keys, which are read once per prompt rather than copied per row.
+        Slots, the causal mask, `attention_mask` and `cache` cover the rows' own tokens only (the
+        prefix precedes them all); positions default to the prompt's valid prefix length + slot.
         """
         cfg = self.cfg
         B, T = input_ids.shape
+        if prefix is not None and B % prefix["mask"].shape[0]:
+            raise ValueError(f"batch {B} is not a multiple of the prefix's {prefix['mask'].shape[0]} prompts")
         start = cache["index"] if cache is not None else 0
         slots = start + jnp.arange(T)
         if positions is None:
             positions = jnp.broadcast_to(slots, (B, T))
+            if prefix is not None:
+                n = jnp.sum(prefix["mask"], axis=1, dtype=jnp.int32)
+                positions = positions + jnp.repeat(n, B // n.shape[0])[:, None]
         S = cache["k"][0].shape[1] if cache is not None else T
         mask = jnp.arange(S)[None, :] <= slots[:, None]  # (T, S) causal
         mask = jnp.broadcast_to(mask, (B, T, S))
@@ -192,7 +225,8 @@ class Qwen2(nn.Module):
         new_k, new_v = [], []
         for i in range(cfg.num_hidden_layers):
             kv = (cache["k"][i], cache["v"][i]) if cache is not None else None
-            x, kv = layer_cls(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(x, cos, sin, mask, kv, start)
+            pre = (prefix["k"][i], prefix["v"][i], prefix["mask"].astype(bool)) if prefix is not None else None
+            x, kv = layer_cls(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(x, cos, sin, mask, kv, start, pre)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
