@@ -156,6 +156,16 @@ def to_global(local: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int) 
     }
 
 
+def to_host(x: jax.Array | np.ndarray) -> np.ndarray:
+    """A (possibly multi-process) global array as one numpy array on every host; every
+    process must call it when the array spans processes."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def check_batch(global_batch_size: int, mesh: Mesh, key: str = "train.global_batch_size") -> None:
     dp = data_parallel_size(mesh)
     if global_batch_size % dp:

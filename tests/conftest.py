@@ -53,7 +53,8 @@ def run_hosts(*args: str, cwd: Path, recipe: str = "nanogpt", processes: int = 2
                                                     MLLM_NUM_PROCESSES=str(processes), MLLM_PROCESS_ID=str(pid)))
         for pid in range(processes)
     ]
-    return [subprocess.CompletedProcess(p.args, p.returncode, *p.communicate(timeout=timeout)) for p in procs]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -138,9 +138,12 @@ class BeamSearch:
         def apply(ids, pos, cache):
             return model.apply({"params": params}, ids, pos, mask, cache)
 
-        cache = init_cache(cfg, B, L, model.dtype)
-        cache = {**cache, "k": [self._constrain(a, None, "tp") for a in cache["k"]],
-                 "v": [self._constrain(a, None, "tp") for a in cache["v"]]}
+        def new_cache(rows: int, length: int) -> dict:  # rows over the batch axes, KV heads over tp
+            cache = init_cache(cfg, rows, length, model.dtype)
+            return {**cache, "k": [self._constrain(a, None, "tp") for a in cache["k"]],
+                    "v": [self._constrain(a, None, "tp") for a in cache["v"]]}
+
+        cache = new_cache(B, L)
         if L > 1:
             _, cache = apply(input_ids[:, :-1], positions[:, :-1], cache)
         logits, cache = apply(input_ids[:, -1:], positions[:, -1:], cache)
@@ -158,9 +161,7 @@ class BeamSearch:
         cand_lp = children_logp(jnp.broadcast_to(logits[:, :1], (B, K, logits.shape[-1])), node)
         scores = self._constrain(jnp.full((B, K), -jnp.inf, jnp.float32).at[:, 0].set(0.0))
         hist = jnp.full((B, K, T), -1, jnp.int32)
-        gen = init_cache(cfg, B * K, G, model.dtype)
-        gen = {**gen, "k": [self._constrain(a, None, "tp") for a in gen["k"]],
-               "v": [self._constrain(a, None, "tp") for a in gen["v"]]}
+        gen = new_cache(B * K, G)
 
         def select(scores, node, hist, cand_lp, t):
             toks, kids = next_tokens[node], next_node[node]  # (B, K, C)

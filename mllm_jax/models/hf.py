@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from tokenizers import AddedToken, Tokenizer
 
+from mllm_jax import runtime
 from mllm_jax.config import ConfigError
 from mllm_jax.models.qwen2 import Qwen2, Qwen2Config, param_specs
 
@@ -226,14 +227,6 @@ def load_params(model_dir: str | Path, cfg: Qwen2Config, mesh: Mesh, param_dtype
     return jax.tree_util.tree_map_with_path(load, shapes, specs), cfg
 
 
-def _to_host(x: jax.Array | np.ndarray) -> np.ndarray:
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def save_pretrained(out_dir: str | Path, params: dict, cfg: Qwen2Config, tokenizer: Tokenizer,
                     source_dir: str | Path, dtype: str = "bfloat16") -> None:
     """Write a Hugging Face model directory: model.safetensors (HF names, vocab padding
@@ -247,7 +240,7 @@ def save_pretrained(out_dir: str | Path, params: dict, cfg: Qwen2Config, tokeniz
     tensors = {}
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = tuple(str(k.key) for k in path)
-        w = _to_host(x)
+        w = runtime.to_host(x)
         if keys[-1] == "kernel":
             w = w.T
         if keys[0] in ("embed_tokens", "lm_head"):

@@ -270,7 +270,7 @@ class SFTTask:
             ids, mask = left_pad(local, length, self.prep.eos_id)
             batch = runtime.to_global({"ids": ids, "mask": mask}, self.mesh, size)
             tokens, _ = self.search(params, batch["ids"], batch["mask"])
-            tokens = _gather(tokens)
+            tokens = runtime.to_host(tokens)
             predictions += [[self.prep.trie.decode(b) for b in tokens[r]] for r, i in enumerate(idx) if i >= 0]
         targets = [p.target for p in self.prep.test]
         result = ranking_metrics(predictions, targets, self.cfg.eval.topk, self.prep.trie.valid)
@@ -308,15 +308,6 @@ def _batches(n: int, size: int) -> list[np.ndarray]:
     """0..n-1 in rows of `size`, the last row padded with -1 (an empty filler)."""
     order = np.concatenate([np.arange(n), np.full(-n % size, -1)])
     return list(order.reshape(-1, size))
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-    """A global array on every process's host (all processes take part)."""
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _restore_latest(directory: str, like: dict[str, Any]) -> dict[str, Any]:
