@@ -261,7 +261,8 @@ def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Co
 def _evaluate(task: Task, state: Any, step: int, tracker: Tracker, console: Console) -> dict[str, float]:
     evals = task.evaluate(state)
     tracker.log(step, evals)
-    console.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+    console.print(f"eval step {step}: " + "  ".join(f"{k} {v:.0f}" if k.endswith("_count") else f"{k} {v:.4f}"
+                                                     for k, v in evals.items()))
     return evals
 
 

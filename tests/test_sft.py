@@ -58,8 +58,10 @@ def test_eval_mode_on_a_checkpoint_reproduces_the_final_metrics(tiny_qwen2, tmp_
     out, run_dir = run_sft(tiny_qwen2, tmp_path, "trained", *common)
     assert out.returncode == 0, out.stderr
     trained = json.loads((run_dir / "run_summary.json").read_text())
-    ev, ev_dir = run_sft(tiny_qwen2, tmp_path, "evaluated", *common, "run_mode=eval",
-                         f"eval.checkpoint={run_dir / 'checkpoints'}")
+    ev_dir = tmp_path / "evaluated"
+    checkpoint = f"eval.checkpoint={run_dir / 'checkpoints'}"
+    ev = run_trainer(*sft_args(tiny_qwen2, *common, f"output_dir={ev_dir}", checkpoint), "--run-mode", "eval",
+                     cwd=tmp_path, recipe="sft")
     assert ev.returncode == 0, ev.stderr
     evaluated = json.loads((ev_dir / "run_summary.json").read_text())
     assert evaluated["final_step"] == 4 and evaluated["train_examples"] == 0 and "hf_export_dir" not in evaluated
@@ -71,6 +73,23 @@ def test_eval_mode_on_a_checkpoint_reproduces_the_final_metrics(tiny_qwen2, tmp_
                          "data.train_file=/nonexistent.csv")
     assert hf.returncode == 0, hf.stderr
     assert json.loads((hf_dir / "run_summary.json").read_text())["eval_metrics"]["eval/invalid_prediction_count"] == 0
+
+
+def test_bf16_lion_linear_schedule_epochs_and_remat(tiny_qwen2, tmp_path):
+    """The other optimizer/schedule/dtype settings train too; epochs set the number of steps."""
+    out, run_dir = run_sft(tiny_qwen2, tmp_path, "bf16", "run_mode=train", "train.max_steps=null",
+                           "train.num_train_epochs=0.25", "train.optimizer=lion", "train.learning_rate=1e-3",
+                           "train.lr_schedule=linear", "train.warmup_steps=1", "train.gradient_checkpointing=true",
+                           "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0", "export_hf=false",
+                           "jax.param_dtype=bfloat16", "jax.compute_dtype=bfloat16")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    # 384 examples (128 per task) in batches of 16: 24 steps an epoch, a quarter of it is 6.
+    assert summary["steps_per_epoch"] == 24 and summary["max_steps"] == summary["final_step"] == 6
+    train = losses(run_dir)
+    assert all(np.isfinite(list(train.values()))) and train[6] < train[1]
+    lrs = [e["train/lr"] for e in read_metrics(run_dir) if "train/lr" in e]
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-3 / 5)
 
 
 def test_gradient_accumulation_gives_the_same_update(tiny_qwen2, tmp_path):
@@ -130,7 +149,8 @@ def test_bad_input_is_one_clear_line(tiny_qwen2, tmp_path, case):
     sets, devices = {
         "missing_file": (["data.train_file=/nonexistent/train.csv"], 1),
         "missing_column": ([f"data.train_file={_bad_csv(tmp_path / 'no_column.csv', drop='history_item_sid')}"], 1),
-        "unknown_sid": ([f"data.train_file={_bad_csv(tmp_path / 'unknown_sid.csv', replace=(f'<a_{first_sid}>', '<a_99999>'))}"], 1),
+        "unknown_sid": ([f"data.train_file="
+                         f"{_bad_csv(tmp_path / 'unknown_sid.csv', replace=(f'<a_{first_sid}>', '<a_99999>'))}"], 1),
         "max_len": (["data.max_len=12"], 1),
         "mesh": (["jax.mesh_shape=3,1,1"], 2),
         "batch": (["train.global_batch_size=24", "train.per_device_train_batch_size=4"], 4),

@@ -52,7 +52,8 @@ class Qwen2Config:
         if self.padded_vocab_size is None:
             object.__setattr__(self, "padded_vocab_size", self.vocab_size)
         if self.padded_vocab_size < self.vocab_size:
-            raise ConfigError(f"padded_vocab_size={self.padded_vocab_size} is smaller than vocab_size={self.vocab_size}")
+            raise ConfigError(f"padded_vocab_size={self.padded_vocab_size} is smaller than "
+                              f"vocab_size={self.vocab_size}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads={self.num_key_value_heads}")

@@ -198,7 +198,8 @@ class SFTTask:
         mask = batch["loss_mask"][:, 1:]
         return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask).astype(jnp.float32)
 
-    def _update(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    def _update(self, state: dict[str, Any],
+                batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
         params = state["params"]
         grad_fn = jax.value_and_grad(self._nll, has_aux=True)
 
