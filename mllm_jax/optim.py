@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import optax
 
@@ -18,13 +20,22 @@ def warmup_cosine(learning_rate: float, min_lr: float, warmup_steps: int, decay_
     )
 
 
-def adamw(schedule: optax.Schedule, b1: float, b2: float, weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices and embeddings only (ndim >= 2), not on biases and norm scales."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _clipped(tx: optax.GradientTransformation, grad_clip: float) -> optax.GradientTransformation:
+    """`tx` after clipping the global gradient norm to `grad_clip` (0 = no clipping)."""
+    return optax.chain(*([optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []), tx)
+
+
+def adamw(schedule: optax.Schedule, b1: float, b2: float, weight_decay: float,
+          grad_clip: float) -> optax.GradientTransformation:
     """AdamW with decoupled weight decay on matrices and embeddings only (ndim >= 2), after
     clipping the global gradient norm (0 = no clipping)."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    return _clipped(optax.adamw(schedule, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay, mask=_decay_mask),
+                    grad_clip)
 
 
 def warmup_decay(learning_rate: float, warmup_steps: int, total_steps: int, kind: str) -> optax.Schedule:
@@ -46,10 +57,6 @@ def optimizer(name: str, schedule: optax.Schedule, b1: float, b2: float, weight_
     clipping the global gradient norm (0 = no clipping)."""
     if name == "adamw":
         return adamw(schedule, b1, b2, weight_decay, grad_clip)
-    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
     if name == "lion":
-        decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-        parts.append(optax.lion(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
-    else:
-        parts.append(optax.sgd(schedule))
-    return optax.chain(*parts)
+        return _clipped(optax.lion(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=_decay_mask), grad_clip)
+    return _clipped(optax.sgd(schedule), grad_clip)

@@ -9,6 +9,7 @@ trie, HR@K / NDCG@K as MiniOneRec computes them; exports the fine-tuned model to
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +140,18 @@ class Prepared:
     trie: SidTrie | None
 
 
+def _padded_length(n: int) -> int:
+    return -(-n // SEQ_MULTIPLE) * SEQ_MULTIPLE
+
+
 def seq_len(examples: sid.TokenizedExamples, max_len: int) -> int:
-    return min(max_len, -(-examples.max_length() // SEQ_MULTIPLE) * SEQ_MULTIPLE)
+    return min(max_len, _padded_length(examples.max_length()))
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch (computed once per epoch, not once per step)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
 def step_indices(num_examples: int, global_batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -149,8 +160,7 @@ def step_indices(num_examples: int, global_batch_size: int, seed: int, step: int
     its last batch may be partial."""
     steps_per_epoch = math.ceil(num_examples / global_batch_size)
     epoch, pos = divmod(step, steps_per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    chunk = order[pos * global_batch_size:(pos + 1) * global_batch_size]
+    chunk = _epoch_order(num_examples, seed, epoch)[pos * global_batch_size:(pos + 1) * global_batch_size]
     return np.concatenate([chunk, np.full(global_batch_size - len(chunk), -1)])
 
 
@@ -266,7 +276,7 @@ class SFTTask:
         rows = runtime.process_rows(size)
         predictions: list[list[str]] = []
         for idx in _batches(len(prompts), size):
-            length = -(-max(len(prompts[i]) for i in idx if i >= 0) // SEQ_MULTIPLE) * SEQ_MULTIPLE
+            length = _padded_length(max(len(prompts[i]) for i in idx if i >= 0))
             local = [prompts[max(i, 0)] for i in idx[rows]]  # a filler row repeats prompt 0; dropped below
             ids, mask = left_pad(local, length, self.prep.eos_id)
             batch = runtime.to_global({"ids": ids, "mask": mask}, self.mesh, size)
