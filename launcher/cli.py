@@ -18,11 +18,13 @@ from mllm_jax import __version__
 if TYPE_CHECKING:  # imported lazily at run time: `mllm --help` stays fast
     from launcher import cloud, ssh
 
+# rich_markup_mode=None: help texts render literally (`[wK]` is not markup).
 app = typer.Typer(help="Train LLMs with JAX, locally or on Cloud TPU VMs.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+                  pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
 
 
-vm_app = typer.Typer(help="Create, list, describe and delete TPU VMs (Cloud TPU API).", no_args_is_help=True)
+vm_app = typer.Typer(help="Create, list, describe and delete TPU VMs (Cloud TPU API).", no_args_is_help=True,
+                     rich_markup_mode=None)
 app.add_typer(vm_app, name="vm")
 
 
@@ -80,29 +82,24 @@ def _zone(zone: Optional[str], project: Optional[str]) -> "cloud.Zone":
     return cloud.Zone(project, zone, cloud.make_client())
 
 
-def _node_row(node, now: float) -> dict:  # type: ignore[no-untyped-def]
-    from launcher import cloud
-
-    created = node.create_time.timestamp() if node.create_time else now
-    return {
-        "name": node.name.rsplit("/", 1)[-1],
-        "zone": node.name.split("/")[3],
-        "type": node.accelerator_type,
-        "state": node.state.name,
-        "health": node.health.name if node.health else "",
-        "workers": len(node.network_endpoints),
-        "ips": cloud.worker_ips(node),
-        "spot": bool(node.scheduling_config.spot or node.scheduling_config.preemptible),
-        "age_sec": int(now - created),
-        "runtime_version": node.runtime_version,
-    }
-
-
 def _age(seconds: int) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def _vm_name(name: Optional[str], vm: Optional[str]) -> str:
+    """NAME as an argument (gcloud's habit) or --vm; else the remembered VM."""
+    from launcher import cloud
+
+    if name and vm and name != vm:
+        raise LauncherError(f"NAME {name!r} and --vm {vm!r} differ: give one")
+    return cloud.check_name(state.resolve("vm", name or vm, "--vm"))
+
+
+NameArg = typer.Argument(None, help="TPU VM name (or --vm; default: the last one used, or $MLLM_VM).")
+DryRunOpt = typer.Option(False, "--dry-run", help="Print the API requests it would send, and send none.")
 
 
 @vm_app.command("create")
@@ -113,89 +110,131 @@ def vm_create(
     accelerator_type: str = typer.Option("v6e-8", "--type", help="Accelerator type, e.g. v6e-8, v5litepod-16."),
     version: str = typer.Option("auto", "--version", help="Runtime version; auto picks the generation's default."),
     spot: bool = typer.Option(True, "--spot/--on-demand", help="Spot capacity (default) or on-demand."),
+    queued: bool = typer.Option(False, "--queued", help="Ask through a queued resource and wait in its queue (how v6e/v5e spot capacity usually comes)."),
+    guaranteed: bool = typer.Option(False, "--guaranteed", help="With --queued: guaranteed (on-demand) capacity instead of spot."),
+    reserved: Optional[str] = typer.Option(None, "--reserved", metavar="RESERVATION", help="With --queued: capacity from this reservation (name or full path)."),
+    valid_for: Optional[str] = typer.Option(None, "--valid-for", metavar="DURATION", help="With --queued: give up queueing after this long, e.g. 6h."),
     no_wait: bool = typer.Option(False, "--async", help="Return once the request is accepted."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be created and stop."),
+    dry_run: bool = DryRunOpt,
     timeout: float = TimeoutOpt,
+    poll: float = typer.Option(10.0, "--poll", help="With --queued: seconds between looks at the queue."),
 ) -> None:
     """Create a TPU VM whose workers accept the launcher's SSH key as root."""
     from launcher import cloud, keys
 
     cloud.check_type(accelerator_type)
+    if not queued and (guaranteed or reserved or valid_for):
+        raise LauncherError("--guaranteed, --reserved and --valid-for need --queued")
     name = cloud.check_name(name or f"mllm-{accelerator_type}-{time.strftime('%y%m%d%H%M%S', time.gmtime())}")
     version = cloud.runtime_version(accelerator_type, version)
+    capacity = "reserved" if reserved else "guaranteed" if guaranteed or not spot else "spot"
+    window = cloud.parse_duration(valid_for, "--valid-for") if valid_for else None
     z = _zone(zone, project)
-    plan = {"name": name, "project": z.project, "zone": z.zone, "type": accelerator_type, "version": version,
-            "spot": spot, "labels": {"created-by": "mllm"}}
+    public_key = keys.public_key() if dry_run else keys.ensure_key()[1]
+    node = z.node_spec(accelerator_type, version, capacity == "spot" and not queued, public_key)
+    qr = z.queued_spec(name, node, capacity, reserved, window) if queued else None
     if dry_run:
-        typer.echo(json.dumps(plan, indent=2))
+        typer.echo((z.create_queued_request(name, qr) if qr else z.create_request(name, node)).text())
         return
-    _, public_key = keys.ensure_key()
-    node = z.create(name, accelerator_type, version, spot, public_key, timeout, wait=not no_wait)
-    state.remember(vm=name, zone=z.zone, project=z.project)
-    if node is None:
-        typer.echo(f"requested {name} ({accelerator_type}) in {z.zone}; see `mllm vm describe --vm {name}`")
+    if qr is not None:
+        z.create_queued(name, qr)
+        state.remember(vm=name, zone=z.zone, project=z.project)
+        if no_wait:
+            typer.echo(f"queued {name} ({accelerator_type}, {capacity}) in {z.zone}; watch it with `mllm vm list`")
+            return
+        try:
+            created = cloud.wait_queued(z, name, timeout, poll)
+        except KeyboardInterrupt:
+            typer.echo(f"stopped waiting; {name} stays queued (remove it with `mllm vm delete {name}`)", err=True)
+            raise typer.Exit(130)
     else:
-        typer.echo(f"created {name} ({accelerator_type}, {version}) in {z.zone}: {node.state.name}, "
-                   f"workers {', '.join(cloud.worker_ips(node))}")
+        created = z.create(name, node, timeout, wait=not no_wait)
+        state.remember(vm=name, zone=z.zone, project=z.project)
+    if created is None:
+        typer.echo(f"requested {name} ({accelerator_type}) in {z.zone}; see `mllm vm describe {name}`")
+    else:
+        typer.echo(f"created {name} ({accelerator_type}, {version}, {capacity}) in {z.zone}: {created.state.name}, "
+                   f"workers {', '.join(cloud.worker_ips(created))}")
 
 
 @vm_app.command("list")
 def vm_list(zone: Optional[str] = ZoneOpt, project: Optional[str] = ProjectOpt,
+            all_zones: bool = typer.Option(False, "--all-zones", help="Every zone that offers TPUs to the project."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """List the TPU VMs in a zone."""
-    z = _zone(zone, project)
+    """List the TPU VMs and queued resources in a zone (or in all zones)."""
+    from launcher import cloud
+
     now = time.time()
-    rows = [_node_row(n, now) for n in z.list()]
+    if all_zones:
+        proj = cloud.resolve_project(state.resolve("project", project, "--project", required=False))
+        rows = cloud.vm_rows_all_zones(proj, cloud.make_client(), now)
+    else:
+        rows = cloud.vm_rows(_zone(zone, project), now)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "zone", "type", "state", "health", "workers", "IPs", "spot", "age")
+    table = Table("name", "zone", "type", "state", "health", "workers", "IPs", "spot", "queued", "age")
     for r in rows:
+        queued = r["queued"] or "-"
         table.add_row(r["name"], r["zone"], r["type"], r["state"], r["health"], str(r["workers"]),
-                      " ".join(r["ips"]), "yes" if r["spot"] else "no", _age(r["age_sec"]))
+                      " ".join(r["ips"]), "yes" if r["spot"] else "no", queued, _age(r["age_sec"]))
     Console().print(table)
 
 
 @vm_app.command("describe")
-def vm_describe(vm: Optional[str] = VmOpt, zone: Optional[str] = ZoneOpt, project: Optional[str] = ProjectOpt) -> None:
-    """Print one TPU VM as JSON."""
+def vm_describe(name: Optional[str] = NameArg, vm: Optional[str] = VmOpt, zone: Optional[str] = ZoneOpt,
+                project: Optional[str] = ProjectOpt) -> None:
+    """Print one TPU VM (and its queued resource) as JSON."""
+    from launcher import cloud
+
     z = _zone(zone, project)
-    name = state.resolve("vm", vm, "--vm")
-    row = _node_row(z.get(name), time.time())
+    name = _vm_name(name, vm)
+    rows = [r for r in cloud.vm_rows(z, time.time()) if name in (r["name"], r["queued_resource"])]
+    if not rows:
+        raise LauncherError(f"TPU VM {name} in {z.zone}: not found (no node or queued resource of that name)")
     state.remember(vm=name, zone=z.zone, project=z.project)
-    typer.echo(json.dumps(row, indent=2))
+    typer.echo(json.dumps(rows[0], indent=2))
 
 
 @vm_app.command("delete")
 def vm_delete(
+    name: Optional[str] = NameArg,
     vm: Optional[str] = VmOpt,
     zone: Optional[str] = ZoneOpt,
     project: Optional[str] = ProjectOpt,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
-    preempted: bool = typer.Option(False, "--preempted", help="Delete every PREEMPTED TPU VM in the zone."),
+    stale: bool = typer.Option(False, "--stale", help="Delete every FAILED/SUSPENDED queued resource and PREEMPTED VM in the zone."),
+    dry_run: bool = DryRunOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
-    """Delete a TPU VM (or all preempted ones in the zone)."""
+    """Delete a TPU VM and its queued resource (or, with --stale, everything dead in the zone)."""
+    from launcher import cloud
+
     z = _zone(zone, project)
-    if preempted:
-        names = [n.name.rsplit("/", 1)[-1] for n in z.list() if n.state.name == "PREEMPTED"]
+    if stale:
+        if name or vm:
+            raise LauncherError("--stale deletes every dead VM in the zone; give no NAME with it")
+        plan = cloud.stale(z)
+        if not plan:
+            typer.echo(f"nothing stale in {z.zone}: no FAILED/SUSPENDED queued resources, no PREEMPTED VMs")
+            return
     else:
-        names = [state.resolve("vm", vm, "--vm")]
-        z.get(names[0])  # a missing VM is an error before asking anything
-    if not names:
-        typer.echo(f"no preempted TPU VMs in {z.zone}")
+        plan = [cloud.deletion(z, _vm_name(name, vm))]
+    if dry_run:
+        for d in plan:
+            typer.echo(d.request.text())
         return
-    if not yes and not typer.confirm(f"Delete {', '.join(names)} in {z.zone}?"):
+    if not yes and not typer.confirm(f"Delete {', '.join(d.what for d in plan)} in {z.zone}?"):
         raise typer.Exit(1)
-    for name in names:
-        z.delete(name, timeout)
-        typer.echo(f"deleted {name}")
+    for d in plan:
+        d.run(timeout)
+        typer.echo(f"deleted {d.what}")
 
 
-env_app = typer.Typer(help="Secrets for the workers (.env files).", no_args_is_help=True)
+env_app = typer.Typer(help="Secrets for the workers (.env files).", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(env_app, name="env")
 WorkerOpt = typer.Option("all", "--worker", "-w", help="Workers: all, an index (0) or a list (1,3).")
 InternalOpt = typer.Option(False, "--internal-ip", help="Connect to the workers' internal IPs.")
@@ -312,15 +351,35 @@ def bootstrap_cmd(
     worker: str = WorkerOpt, internal_ip: bool = InternalOpt, user: str = UserOpt,
     venv: str = typer.Option("/root/mllm-venv", "--venv", help="Virtualenv to create on each worker."),
     python: Optional[str] = typer.Option(None, "--python", help="Use this existing interpreter instead of a venv."),
+    jax_version: Optional[str] = typer.Option(None, "--jax-version", help="jax/jaxlib (and libtpu) at this version instead of the laptop's."),
+    python_version: Optional[str] = typer.Option(None, "--python-version", help="The venv's Python, e.g. 3.12 (default: the laptop's); uv downloads it if missing."),
+    find_links: list[str] = typer.Option([], "--find-links", metavar="DIR", help="A wheel directory on the workers, looked at first (repeatable)."),
+    offline: bool = typer.Option(False, "--offline", help="Install only from uv's cache and --find-links on the workers."),
+    index_url: Optional[str] = typer.Option(None, "--index-url", help="Package index instead of PyPI."),
+    no_sync: bool = typer.Option(False, "--no-sync", help="Install from the repo already on the workers."),
+    include_dirty: bool = typer.Option(False, "--include-dirty", help="Ship a snapshot of uncommitted changes."),
 ) -> None:
-    """Set up each worker's Python so that `python -m mllm_jax` runs (idempotent)."""
+    """Sync the repo, then install its pyproject.toml into a venv on each worker (uv, no pip or
+    ensurepip needed; pinned to this laptop's versions); a no-op in seconds when nothing changed."""
     from launcher import remote, ssh
 
-    workers, conns = _workers(vm, zone, project, internal_ip, worker, user)
-    with conns:
-        chosen = ssh.fan_out(workers, lambda w: remote.bootstrap(conns, w, venv, python))
-    for i, interpreter in chosen.items():
-        ssh.emit(f"w{i}", f"ready: {interpreter}")
+    options = remote.InstallOptions(venv, jax_version, python_version, list(find_links), offline, index_url)
+    v = _vm(vm, zone, project, internal_ip, user)
+    workers = ssh.select_workers(v.workers, worker)
+    with v.conns:
+        if not python and not no_sync:
+            _sync(v, workers, "HEAD", include_dirty)
+        results = ssh.fan_out(workers, lambda w: remote.bootstrap(v.conns, w, options, python))
+    for i, r in results.items():
+        ssh.emit(f"w{i}", f"ready: {r['python']} ({_bootstrap_words(r)})")
+
+
+def _bootstrap_words(r: dict) -> str:
+    if r["state"] == "installed":
+        return f"installed in {r['seconds']:.1f}s: {r['reason']}"
+    if r["state"] == "up-to-date":
+        return f"up to date, checked in {r['seconds']:.1f}s"
+    return "existing interpreter"
 
 
 @app.command("versions")
@@ -329,23 +388,32 @@ def versions_cmd(
     worker: str = WorkerOpt, internal_ip: bool = InternalOpt, user: str = UserOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Python, JAX stack, backend, devices, OS and kernel of each worker."""
+    """Python, JAX stack, backend, devices, OS and kernel of this laptop and each worker; a `*`
+    marks what differs from the laptop."""
     from launcher import remote, ssh
 
     workers, conns = _workers(vm, zone, project, internal_ip, worker, user)
     with conns:
         found = ssh.fan_out(workers, lambda w: remote.versions(conns, w))
+    laptop = remote.laptop_versions()
+    diff = remote.mismatches(laptop, found)
     if as_json:
-        typer.echo(json.dumps({str(i): v for i, v in found.items()}, indent=2))
+        typer.echo(json.dumps({"laptop": laptop, "workers": {str(i): v for i, v in found.items()},
+                               "mismatches": [{"worker": i, "field": f, "laptop": laptop.get(f),
+                                               "worker_value": found[i].get(f)} for i, f in diff]}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    cols = ["python", "jax", "jaxlib", "flax", "optax", "wandb", "backend", "device_count", "os", "kernel"]
-    table = Table("worker", *cols)
+    cols = ["python", *remote.VERSION_PACKAGES, "backend", "device_count", "os", "kernel"]
+    table = Table("machine", *cols)
+    table.add_row("laptop", *[str(laptop.get(c, "")) for c in cols])
     for i, v in found.items():
-        table.add_row(str(i), *[str(v.get(c)) for c in cols])
+        table.add_row(f"w{i}", *[f"{v.get(c)}{' *' if (i, c) in diff else ''}" for c in cols])
     Console().print(table)
+    if diff:
+        typer.echo("* differs from the laptop: " + ", ".join(f"w{i} {f} {found[i].get(f)} (laptop {laptop.get(f)})"
+                                                               for i, f in diff) + "; `mllm bootstrap` aligns them")
 
 
 RunArg = typer.Argument(None, help="Run id (default: the target's runs/latest).")
@@ -477,10 +545,16 @@ def launch_cmd(
                 ssh.emit(t.label, f"stopping {run}: {jobs.stop(t, run)}")
         if env_file is None and not local:
             env_file = "/root/.env" if targets[0].sh("test -f /root/.env")[0] == 0 else None
-        for t in targets:
-            code, out = t.sh(f"cd {t.repo} && {t.python} -c 'import jax, mllm_jax'")
-            if code:
-                raise LauncherError(f"{t.label}: cannot import jax and mllm_jax there ({out.strip()[-200:]}); run `mllm bootstrap`")
+        if not local:
+            from launcher import remote
+
+            ssh.fan_out([t.worker for t in targets], lambda w: remote.refresh(v.conns, w))
+        jax_versions = ssh.fan_out(targets, _importable_jax)
+        first = targets[0]
+        for t in targets[1:]:
+            if jax_versions[t.index] != jax_versions[first.index]:
+                raise LauncherError(f"{t.label} has jax {jax_versions[t.index]} but {first.label} has "
+                                    f"{jax_versions[first.index]}: mixed versions hang jax.distributed; run `mllm bootstrap`")
         run_id = jobs.new_run_id(recipe, sha)
         coordinator = f"{v.internal_ips[targets[0].index]}:{jobs.COORDINATOR_PORT}" if v else None
         spec = jobs.LaunchSpec(recipe, config_arg, list(overrides), run_id, env_file, coordinator, len(targets))
@@ -500,6 +574,16 @@ def launch_cmd(
             _stream_all(targets, run_id, until_exit=True)
             codes = [jobs.exit_code(t, run_id) for t in targets]
             raise typer.Exit(max((c if c is not None else 1) for c in codes))
+
+
+def _importable_jax(t: "jobs.Target") -> str:  # noqa: F821
+    """The jax version the target's interpreter has, once it imports jax and mllm_jax from the repo."""
+    code, out = t.sh(f"cd {t.repo} && {t.python} -c 'import importlib.metadata as m; "
+                     f"print(\"MLLM_JAX\", m.version(\"jax\"), flush=True); import jax, mllm_jax'")
+    found = [line.split()[1] for line in out.splitlines() if line.startswith("MLLM_JAX ")]
+    if code:
+        raise LauncherError(f"{t.label}: cannot import jax and mllm_jax there ({out.strip()[-200:]}); run `mllm bootstrap`")
+    return found[0]
 
 
 def _git_head_or_none() -> Optional[str]:

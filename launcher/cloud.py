@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import datetime
+import json
 import os
 import re
+import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from google.api_core import exceptions as gexc
 from google.api_core import operation
 from google.cloud import tpu_v2
+from google.protobuf import json_format
 
 from launcher.errors import LauncherError
 
@@ -102,6 +106,40 @@ def api_errors(what: str) -> Iterator[None]:
         raise LauncherError(f"{what}: {type(e).__name__} ({e.message})") from None
 
 
+DEFAULT_HOST = "https://tpu.googleapis.com"
+# Queued-resource states from which no node will ever come: they only hold quota.
+DEAD_QUEUED_STATES = ("FAILED", "SUSPENDED")
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str, flag: str) -> datetime.timedelta:
+    """`6h`, `90m`, `1d12h`, `3600s` -> a timedelta (gcloud's duration style)."""
+    match = _DURATION.match(text.strip())
+    if not text.strip() or not match or not any(match.groups()):
+        raise LauncherError(f"{flag} {text!r}: expected a duration such as 6h, 90m, 1d12h or 3600s")
+    d, h, m, s = (int(g or 0) for g in match.groups())
+    return datetime.timedelta(days=d, hours=h, minutes=m, seconds=s)
+
+
+@dataclass
+class Request:
+    """One API request as --dry-run prints it (method, URL, JSON body), sent by nobody."""
+
+    method: str
+    path: str
+    body: dict | None = None
+
+    def text(self) -> str:
+        base = os.environ.get(ENV_ENDPOINT) or DEFAULT_HOST
+        line = f"{self.method} {base.rstrip('/')}/v2/{self.path}"
+        return line + ("\n" + json.dumps(self.body, indent=2) if self.body is not None else "")
+
+
+def as_json(message: Any) -> dict:
+    """A proto-plus message as the REST body the client would send (fields left unset omitted)."""
+    return json_format.MessageToDict(type(message).pb(message))
+
+
 @dataclass
 class Zone:
     """One project's zone in the Cloud TPU API."""
@@ -117,9 +155,15 @@ class Zone:
     def node_path(self, name: str) -> str:
         return f"{self.parent}/nodes/{name}"
 
-    def create(self, name: str, accelerator_type: str, version: str, spot: bool, ssh_public_key: str,
-               timeout: float, wait: bool = True) -> tpu_v2.Node | None:
-        node = tpu_v2.Node(
+    def queued_path(self, name: str) -> str:
+        return f"{self.parent}/queuedResources/{name}"
+
+    # -- nodes ---------------------------------------------------------------------------
+
+    @staticmethod
+    def node_spec(accelerator_type: str, version: str, spot: bool, ssh_public_key: str) -> tpu_v2.Node:
+        """The TPU VM the launcher asks for: external IPs, our label, our SSH key for root."""
+        return tpu_v2.Node(
             accelerator_type=accelerator_type,
             runtime_version=version,
             network_config=tpu_v2.NetworkConfig(enable_external_ips=True),
@@ -127,17 +171,32 @@ class Zone:
             labels={"created-by": "mllm"},
             metadata={"ssh-keys": f"root:{ssh_public_key}"},
         )
+
+    def create_request(self, name: str, node: tpu_v2.Node) -> Request:
+        return Request("POST", f"{self.parent}/nodes?nodeId={name}", as_json(node))
+
+    def create(self, name: str, node: tpu_v2.Node, timeout: float, wait: bool = True) -> tpu_v2.Node | None:
         with api_errors(f"creating TPU VM {name} in {self.zone}"):
             op = self.client.create_node(parent=self.parent, node=node, node_id=name)
-            return wait_for(op, timeout, f"creating {name} ({accelerator_type})") if wait else None
+            return wait_for(op, timeout, f"creating {name} ({node.accelerator_type})") if wait else None
 
     def get(self, name: str) -> tpu_v2.Node:
         with api_errors(f"TPU VM {name} in {self.zone}"):
             return self.client.get_node(name=self.node_path(name))
 
+    def find(self, name: str) -> tpu_v2.Node | None:
+        """The node, or None when it does not exist."""
+        try:
+            return self.client.get_node(name=self.node_path(name))
+        except gexc.NotFound:
+            return None
+
     def list(self) -> list[tpu_v2.Node]:
         with api_errors(f"listing TPU VMs in {self.zone}"):
             return list(self.client.list_nodes(parent=self.parent))
+
+    def delete_request(self, name: str) -> Request:
+        return Request("DELETE", self.node_path(name))
 
     def delete(self, name: str, timeout: float) -> None:
         with api_errors(f"deleting TPU VM {name} in {self.zone}"):
@@ -153,6 +212,194 @@ class Zone:
                 if item.namespace == "hostkeys":
                     keys.setdefault(worker, {})[item.key] = item.value
         return keys
+
+    # -- queued resources ------------------------------------------------------------------
+
+    def queued_spec(self, name: str, node: tpu_v2.Node, capacity: str, reservation: str | None,
+                    valid_for: datetime.timedelta | None) -> tpu_v2.QueuedResource:
+        """A queued resource for one node named like it: spot, guaranteed or in a reservation."""
+        qr = tpu_v2.QueuedResource(tpu=tpu_v2.QueuedResource.Tpu(node_spec=[
+            tpu_v2.QueuedResource.Tpu.NodeSpec(parent=self.parent, node_id=name, node=node)]))
+        if capacity == "spot":
+            qr.spot = tpu_v2.QueuedResource.Spot()
+        elif capacity == "guaranteed":
+            qr.guaranteed = tpu_v2.QueuedResource.Guaranteed()
+        if reservation:
+            qr.reservation_name = (reservation if reservation.startswith("projects/")
+                                   else f"{self.parent}/reservations/{reservation}")
+        if valid_for is not None:
+            qr.queueing_policy = tpu_v2.QueuedResource.QueueingPolicy(valid_until_duration=valid_for)
+        return qr
+
+    def create_queued_request(self, name: str, qr: tpu_v2.QueuedResource) -> Request:
+        return Request("POST", f"{self.parent}/queuedResources?queuedResourceId={name}", as_json(qr))
+
+    def create_queued(self, name: str, qr: tpu_v2.QueuedResource) -> None:
+        """Send the request; the queue is then watched with `wait_queued` (the operation only
+        says that the request was accepted)."""
+        with api_errors(f"queueing TPU VM {name} in {self.zone}"):
+            self.client.create_queued_resource(parent=self.parent, queued_resource=qr, queued_resource_id=name)
+
+    def find_queued(self, name: str) -> tpu_v2.QueuedResource | None:
+        try:
+            return self.client.get_queued_resource(name=self.queued_path(name))
+        except gexc.NotFound:
+            return None
+
+    def list_queued(self) -> list[tpu_v2.QueuedResource]:
+        with api_errors(f"listing queued resources in {self.zone}"):
+            return list(self.client.list_queued_resources(parent=self.parent))
+
+    def delete_queued_request(self, name: str) -> Request:
+        return Request("DELETE", f"{self.queued_path(name)}?force=true")
+
+    def delete_queued(self, name: str, timeout: float) -> None:
+        """Delete a queued resource and, with it (force), its node if there is one."""
+        with api_errors(f"deleting queued resource {name} in {self.zone}"):
+            op = self.client.delete_queued_resource(request={"name": self.queued_path(name), "force": True})
+            wait_for(op, timeout, f"deleting queued resource {name}")
+
+
+def queued_state(qr: tpu_v2.QueuedResource) -> str:
+    return qr.state.state.name
+
+
+def queued_reason(qr: tpu_v2.QueuedResource) -> str:
+    """Why a queued resource is dead, in the API's words where it gives them."""
+    message = qr.state.failed_data.error.message if "failed_data" in qr.state else ""
+    if message:
+        return message
+    if queued_state(qr) == "SUSPENDED":
+        return "its capacity was reclaimed (spot preemption or maintenance)"
+    return "no reason given by the API"
+
+
+def queued_node_id(qr: tpu_v2.QueuedResource) -> str:
+    return qr.tpu.node_spec[0].node_id if qr.tpu.node_spec else qr.name.rsplit("/", 1)[-1]
+
+
+def wait_queued(z: Zone, name: str, timeout: float, poll: float) -> tpu_v2.Node:
+    """Watch a queued resource until its node is READY; a dead one (FAILED, SUSPENDED) is
+    deleted (it would only hold quota) and reported with the API's reason."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    start, last = time.monotonic(), None
+    with console.status(f"queued resource {name}: CREATING") as status:
+        while True:
+            elapsed = time.monotonic() - start
+            with api_errors(f"queued resource {name} in {z.zone}"):
+                qr = z.find_queued(name)
+            state = queued_state(qr) if qr is not None else "CREATING"
+            line = f"queued resource {name}: {state} ({elapsed:.0f}s)"
+            status.update(line)
+            if state != last:
+                console.print(line, highlight=False, markup=False)
+                last = state
+            if state in DEAD_QUEUED_STATES:
+                reason = queued_reason(qr)
+                z.delete_queued(name, timeout=300)
+                raise LauncherError(f"queued resource {name} in {z.zone} is {state}: {reason} (deleted it)")
+            if state == "ACTIVE":
+                node = z.find(queued_node_id(qr))
+                if node is not None and node.state.name == "READY":
+                    return node
+            if elapsed > timeout:
+                raise LauncherError(f"queued resource {name} is still {state} after {timeout:.0f}s; it stays queued "
+                                    f"(watch it with `mllm vm list`, remove it with `mllm vm delete {name}`)")
+            time.sleep(poll)
+
+
+def list_zones(project: str, client: tpu_v2.TpuClient) -> list[str]:
+    """Every zone where the Cloud TPU API offers TPUs to this project."""
+    with api_errors(f"listing TPU zones of {project}"):
+        resp = client.list_locations(request={"name": f"projects/{project}"})
+    return sorted(loc.location_id for loc in resp.locations)
+
+
+def vm_rows(z: Zone, now: float) -> list[dict[str, Any]]:
+    """Nodes and queued resources of a zone, one row per name: a queued resource that has its
+    node shares the node's row (`queued` = its state); one still waiting, or dead, has its own."""
+    queued = {q.name.rsplit("/", 1)[-1]: q for q in z.list_queued()}
+    by_node = {queued_node_id(q): q for q in queued.values()}
+    rows = []
+    for node in z.list():
+        name = node.name.rsplit("/", 1)[-1]
+        qr = (queued.get(node.queued_resource.rsplit("/", 1)[-1]) if node.queued_resource else None) or by_node.get(name)
+        rows.append({
+            "name": name, "zone": z.zone, "type": node.accelerator_type, "state": node.state.name,
+            "health": node.health.name if node.health else "", "workers": len(node.network_endpoints),
+            "ips": worker_ips(node),
+            "spot": bool(node.scheduling_config.spot or node.scheduling_config.preemptible or (qr and "spot" in qr)),
+            "queued": queued_state(qr) if qr else None,
+            "queued_resource": qr.name.rsplit("/", 1)[-1] if qr else None,
+            "age_sec": int(now - (node.create_time.timestamp() if node.create_time else now)),
+            "runtime_version": node.runtime_version,
+        })
+    with_node = {r["queued_resource"] for r in rows}
+    for qr_name, qr in queued.items():
+        if qr_name in with_node:
+            continue
+        spec = qr.tpu.node_spec[0].node if qr.tpu.node_spec else None
+        state = queued_state(qr)
+        rows.append({
+            "name": queued_node_id(qr), "zone": z.zone, "type": spec.accelerator_type if spec else "",
+            "state": state, "health": "", "workers": 0, "ips": [], "spot": "spot" in qr,
+            "queued": state, "queued_resource": qr_name,
+            "age_sec": int(now - (qr.create_time.timestamp() if qr.create_time else now)),
+            "runtime_version": spec.runtime_version if spec else "",
+            **({"reason": queued_reason(qr)} if state in DEAD_QUEUED_STATES else {}),
+        })
+    return sorted(rows, key=lambda r: r["name"])
+
+
+def vm_rows_all_zones(project: str, client: tpu_v2.TpuClient, now: float) -> list[dict[str, Any]]:
+    """`vm_rows` of every TPU zone of the project, the zones asked in parallel."""
+    zones = [Zone(project, name, client) for name in list_zones(project, client)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        return [row for rows in pool.map(lambda z: vm_rows(z, now), zones) for row in rows]
+
+
+@dataclass
+class Deletion:
+    """One thing `vm delete` removes: what to call it, the request, and how to send it."""
+
+    what: str
+    request: Request
+    run: Callable[[float], None]
+
+
+def deletion(z: Zone, name: str) -> Deletion:
+    """Delete a VM by name: its queued resource (forced, so the node goes too) when it has one,
+    else the node. Neither existing is an error."""
+    node, qr = z.find(name), z.find_queued(name)
+    if qr is None and node is not None and node.queued_resource:
+        qr = z.find_queued(node.queued_resource.rsplit("/", 1)[-1])
+    if qr is not None:
+        qr_name = qr.name.rsplit("/", 1)[-1]
+        what = f"{name} (VM and queued resource {qr_name})" if node is not None else f"queued resource {qr_name}"
+        return Deletion(what, z.delete_queued_request(qr_name), lambda t: z.delete_queued(qr_name, t))
+    if node is None:
+        raise LauncherError(f"TPU VM {name} in {z.zone}: not found (no node or queued resource of that name)")
+    return Deletion(name, z.delete_request(name), lambda t: z.delete(name, t))
+
+
+def stale(z: Zone) -> list[Deletion]:
+    """What only holds quota in a zone: FAILED/SUSPENDED queued resources (with their nodes)
+    and PREEMPTED nodes."""
+    plan, covered = [], set()
+    for qr in z.list_queued():
+        if queued_state(qr) in DEAD_QUEUED_STATES:
+            qr_name = qr.name.rsplit("/", 1)[-1]
+            covered.add(queued_node_id(qr))
+            plan.append(Deletion(f"queued resource {qr_name} ({queued_state(qr)})", z.delete_queued_request(qr_name),
+                                 lambda t, n=qr_name: z.delete_queued(n, t)))
+    for node in z.list():
+        node_name = node.name.rsplit("/", 1)[-1]
+        if node.state.name == "PREEMPTED" and node_name not in covered:
+            plan.append(Deletion(f"{node_name} (PREEMPTED)", z.delete_request(node_name),
+                                 lambda t, n=node_name: z.delete(n, t)))
+    return plan
 
 
 def wait_for(op: operation.Operation, timeout: float, what: str) -> Any:

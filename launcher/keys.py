@@ -34,3 +34,9 @@ def ensure_key() -> tuple[Path, str]:
         line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         public.write_text(f"{line.decode()} {KEY_COMMENT}\n")
     return private, public.read_text().strip()
+
+
+def public_key() -> str:
+    """The public key line if the key exists, else a placeholder (for --dry-run, which makes nothing)."""
+    public = key_paths()[1]
+    return public.read_text().strip() if public.exists() else "ssh-ed25519 <the launcher's key, made on first create> mllm"

@@ -4,20 +4,26 @@ versions. Plain functions over `ssh.Connections`, one worker at a time (callers 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import io
 import json
+import platform
+import re
 import shlex
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dotenv import dotenv_values
 
 from launcher import ssh
 from launcher.errors import LauncherError
+from launcher.sync import DEFAULT_REMOTE_DIR
 
 # Where the chosen interpreter is recorded on each worker by `mllm bootstrap`.
 PYTHON_RECORD = "~/.mllm/python"
 DEFAULT_VENV = "/root/mllm-venv"
-PROJECT_DEPS = ["flax", "optax", "orbax-checkpoint", "wandb", "pyyaml", "python-dotenv", "rich", "typer"]
+DISTRIBUTION = "mllm-jax"  # this project on PyPI terms: its requirements are the workers' pins
 
 
 def remote_python() -> str:
@@ -56,10 +62,13 @@ def push_env(conns: ssh.Connections, w: ssh.Worker, content: bytes, dest: str) -
         raise LauncherError(f"worker {w.index}: {dest} did not verify after writing (mode {mode:o})")
 
 
+# What `mllm versions` compares between the laptop and the workers (distribution names).
+VERSION_PACKAGES = ("jax", "jaxlib", "libtpu", "flax", "optax", "orbax-checkpoint", "wandb")
+
 VERSIONS_SCRIPT = r"""
-import json, platform, importlib.metadata as md
+import json, platform, sys, importlib.metadata as md
 out = {"python": platform.python_version(), "os": platform.platform(terse=True), "kernel": platform.release()}
-for d in ("jax", "jaxlib", "flax", "optax", "wandb"):
+for d in sys.argv[1:]:
     try: out[d] = md.version(d)
     except md.PackageNotFoundError: out[d] = None
 try:
@@ -72,46 +81,163 @@ print("MLLM_VERSIONS " + json.dumps(out))
 
 
 def versions(conns: ssh.Connections, w: ssh.Worker) -> dict:
-    code, out = ssh.capture(conns, w, f"{remote_python()} -c {shlex.quote(VERSIONS_SCRIPT)}")
+    code, out = ssh.capture(conns, w, f"{remote_python()} -c {shlex.quote(VERSIONS_SCRIPT)} "
+                                      + " ".join(VERSION_PACKAGES))
     for line in out.splitlines():
         if line.startswith("MLLM_VERSIONS "):
             return json.loads(line[len("MLLM_VERSIONS "):])
     raise LauncherError(f"worker {w.index}: could not read versions (exit {code}): {out.strip()[-300:]}")
 
 
-def bootstrap(conns: ssh.Connections, w: ssh.Worker, venv: str, python: str | None) -> str:
-    """Make `python -m mllm_jax` runnable: use `python` as given, or create/refresh a venv with
-    jax[tpu] (TPU worker) or jax plus the project's dependencies. Skips what is already there.
-    Records the interpreter in ~/.mllm/python and returns it."""
-    say = lambda msg: ssh.emit(w.label, msg)  # noqa: E731
+def laptop_versions() -> dict:
+    """This machine's python and packages, from metadata only (the launcher never imports JAX)."""
+    out: dict = {"python": platform.python_version(), "os": platform.platform(terse=True), "kernel": platform.release()}
+    for name in VERSION_PACKAGES:
+        out[name] = installed_version(name)
+    return out
+
+
+def mismatches(laptop: dict, workers: dict[int, dict]) -> list[tuple[int, str]]:
+    """(worker, field) where a worker differs from the laptop; python by major.minor, since the
+    patch level does not change what installs or how it runs."""
+    found = []
+    for i, v in workers.items():
+        for key in ("python", *VERSION_PACKAGES):
+            mine, theirs = laptop.get(key), v.get(key)
+            if key == "python":
+                mine, theirs = _minor(mine), _minor(theirs)
+            if key == "libtpu" and mine is None:
+                continue  # a laptop has no TPU runtime; workers without one show None anyway
+            if mine != theirs:
+                found.append((i, key))
+    return found
+
+
+def _minor(version: str | None) -> str | None:
+    return ".".join(version.split(".")[:2]) if version else None
+
+
+def installed_version(name: str) -> str | None:
+    """One distribution's version on this laptop (None when it is not installed)."""
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+# -- bootstrap ----------------------------------------------------------------------------------
+
+INSTALL_RECORD = "mllm-install.json"  # in the venv; written by worker_bootstrap.py
+
+
+@dataclass
+class InstallOptions:
+    """What the user chose for a worker's environment; recorded there so `mllm launch` can bring
+    a stale environment up to date the same way."""
+
+    venv: str = DEFAULT_VENV
+    jax_version: str | None = None
+    """jax and jaxlib (and through jax[tpu] libtpu) at this version instead of the laptop's."""
+    python_version: str | None = None
+    """The venv's Python (uv finds it on the worker or downloads it); default: the laptop's X.Y."""
+    find_links: list[str] = field(default_factory=list)
+    """Directories on the worker with wheels (uv's included), looked at before the index."""
+    offline: bool = False
+    """Install only from uv's cache and `find_links` on the worker (no index)."""
+    index_url: str | None = None
+    """A package index instead of PyPI (uv's and its own wheels)."""
+
+
+def laptop_pins(jax_version: str | None) -> list[str]:
+    """`name==version` for each of the project's own dependencies as installed on this laptop,
+    so that the workers run what the laptop runs; jax/jaxlib from `jax_version` when given."""
+    pins = {}
+    for req in md.requires(DISTRIBUTION) or []:
+        name, _, rest = req.partition(";")
+        if "extra ==" in rest or "extra==" in rest:
+            continue
+        match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", name)
+        version = installed_version(match.group(1)) if match else None
+        if version:
+            pins[match.group(1).lower()] = version
+    if "jax" in pins and installed_version("jaxlib"):
+        pins["jaxlib"] = installed_version("jaxlib")  # not a direct dependency, but jax needs its exact match
+    if jax_version:
+        pins["jax"] = pins["jaxlib"] = jax_version
+    return [f"{name}=={version}" for name, version in sorted(pins.items())]
+
+
+def install_plan(options: InstallOptions, repo_dir: str = DEFAULT_REMOTE_DIR) -> dict:
+    """The JSON plan `worker_bootstrap.py` executes on each worker."""
+    uv_version = installed_version("uv")
+    if uv_version is None:
+        raise LauncherError("uv is not installed on this machine (pip install uv): bootstrap pins the workers' uv to it")
+    return {"repo": repo_dir, "venv": options.venv, "pins": laptop_pins(options.jax_version),
+            "python_version": options.python_version or f"{sys.version_info[0]}.{sys.version_info[1]}",
+            "find_links": options.find_links, "offline": options.offline, "index_url": options.index_url,
+            "uv_version": uv_version, "options": asdict(options)}
+
+
+def run_bootstrap(conns: ssh.Connections, w: ssh.Worker, plan: dict) -> dict:
+    """Run worker_bootstrap.py on one worker (its progress printed `[wK]`-prefixed); its result."""
+    source = (Path(__file__).with_name("worker_bootstrap.py")).read_text()
+    result: dict = {}
+    last: list[str] = []
+
+    def line(text: str) -> None:
+        if text.startswith("MLLM_BOOTSTRAP "):
+            result.update(json.loads(text[len("MLLM_BOOTSTRAP "):]))
+        else:
+            ssh.emit(w.label, text)
+            last[:] = [text]
+
+    code = ssh.run(conns, w, f"python3 -c {shlex.quote(source)} {shlex.quote(json.dumps(plan))}", on_line=line)
+    if result.get("state") == "error" or not result:
+        why = result.get("error") or f"python3 exited {code} ({(last or ['no output'])[0].strip()[-200:]})"
+        raise LauncherError(f"worker {w.index}: bootstrap failed: {why}")
+    return result
+
+
+def record_python(conns: ssh.Connections, w: ssh.Worker, interpreter: str) -> None:
+    _checked(conns, w, f"mkdir -p ~/.mllm && printf '%s\\n' {shlex.quote(interpreter)} > {PYTHON_RECORD}")
+
+
+def bootstrap(conns: ssh.Connections, w: ssh.Worker, options: InstallOptions, python: str | None) -> dict:
+    """Make `python -m mllm_jax` runnable: `python` as given, or a venv holding the synced repo's
+    pyproject (uv, pinned to the laptop's versions; a no-op when nothing changed). Records the
+    interpreter in ~/.mllm/python; returns worker_bootstrap's result."""
     if python:
         code, out = ssh.capture(conns, w, f"{shlex.quote(python)} -c 'import sys; print(sys.version)'")
         if code:
             raise LauncherError(f"worker {w.index}: --python {python} does not run: {out.strip()[-200:]}")
-        interpreter = python
-        say(f"using existing interpreter {python}")
+        result = {"state": "existing", "python": python}
     else:
-        interpreter = f"{venv}/bin/python"
-        q = shlex.quote(venv)
-        code, _ = ssh.capture(conns, w, f"test -x {q}/bin/python")
-        if code:
-            say(f"creating venv {venv}")
-            _checked(conns, w, f"python3 -m venv {q}")
-        code, _ = ssh.capture(conns, w, f"{q}/bin/python -c 'import jax, flax, optax, orbax.checkpoint, wandb, yaml, dotenv, rich, typer'")
-        if code:
-            jax_pkg = "'jax[tpu]'" if _has_tpu(conns, w) else "jax"
-            say(f"installing {jax_pkg.strip(chr(39))} and the project's dependencies")
-            _checked(conns, w, f"{q}/bin/pip install -q --upgrade pip && {q}/bin/pip install -q {jax_pkg} "
-                               + " ".join(PROJECT_DEPS))
-        else:
-            say("venv already has jax and the project's dependencies")
-    _checked(conns, w, f"mkdir -p ~/.mllm && printf '%s\\n' {shlex.quote(interpreter)} > {PYTHON_RECORD}")
-    return interpreter
+        result = run_bootstrap(conns, w, install_plan(options))
+    record_python(conns, w, result["python"])
+    return result
 
 
-def _has_tpu(conns: ssh.Connections, w: ssh.Worker) -> bool:
-    code, _ = ssh.capture(conns, w, "ls /dev/accel0 /dev/vfio/0 >/dev/null 2>&1")
-    return code == 0
+def refresh(conns: ssh.Connections, w: ssh.Worker) -> dict | None:
+    """Before a launch: bring a venv that `mllm bootstrap` made up to date with the synced
+    pyproject (same options as recorded), or make one where there is none. An interpreter given
+    with `bootstrap --python` is left alone (None)."""
+    code, interpreter = ssh.capture(conns, w, f"cat {PYTHON_RECORD} 2>/dev/null")
+    interpreter = interpreter.strip()
+    if code or not interpreter:
+        ssh.emit(w.label, "no Python environment yet: bootstrapping")
+        return bootstrap(conns, w, InstallOptions(), None)
+    venv = interpreter.rsplit("/bin/", 1)[0]
+    code, text = ssh.capture(conns, w, f"cat {shlex.quote(venv)}/{INSTALL_RECORD} 2>/dev/null")
+    if code:
+        return None
+    try:
+        options = InstallOptions(**json.loads(text)["options"])
+    except (ValueError, KeyError, TypeError):
+        options = InstallOptions(venv=venv)
+    result = bootstrap(conns, w, options, None)
+    if result["state"] == "installed":
+        ssh.emit(w.label, f"environment updated in {result['seconds']:.1f}s: {result['reason']}")
+    return result
 
 
 def _checked(conns: ssh.Connections, w: ssh.Worker, command: str) -> None:

@@ -99,6 +99,16 @@ def shakespeare() -> str:
     return str(SHAKESPEARE)
 
 
+@pytest.fixture(scope="module")
+def hosts():
+    """Two sshd "workers" (tests/harness/sshd.py), shared by the tests of one module."""
+    from harness.sshd import SshCluster
+
+    cluster = SshCluster(2).start()
+    yield cluster
+    cluster.stop()
+
+
 def launcher_env(tmp_path: Path, endpoint: str, **extra: str) -> dict[str, str]:
     """Environment for `mllm` against a local Cloud TPU API, with its own config dir."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLLM_", "CLOUDSDK_"))}

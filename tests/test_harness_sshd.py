@@ -2,15 +2,20 @@
 
 These checks guard the assumptions the launcher's end-to-end tests build on: host-key pinning works
 with the key the harness reports, remote commands find a Python with jax, files written on one
-worker do not leak to another or to the test machine, and stop() leaves no process behind.
+worker do not leak to another or to the test machine, an interpreter under the test machine's
+/tmp runs on a worker without the rest of /tmp becoming shared, and stop() leaves no process behind.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
+import shlex
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +24,8 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from harness.sshd import ClientKey, SshCluster, SshdStartError, SshHost, make_client_key, start_cluster
+from harness.sshd import (PRIVATE_DIRS, ClientKey, SshCluster, SshdStartError, SshHost, interpreter_paths,
+                          make_client_key, start_cluster)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +114,93 @@ def test_root_and_tmp_are_private_to_each_host(cluster: SshCluster, client_key: 
             assert not os.path.exists(f), f"{f} written on {a.ip} is visible on the test machine"
         # The shared parts of the filesystem stay usable on every host.
         assert run(cb, f"test -x {b.python} && test -d /usr/bin")[0] == 0
+
+
+@pytest.fixture(scope="module")
+def tmp_venv() -> Iterator[Path]:
+    """A venv under the test machine's /tmp, in a directory whose name a shell would mangle, with a
+    symlink to it and a file beside it: '/tmp/harness it's $(touch pwned) XXXX/{venv dir, venv link, secret}'."""
+    parent = Path(tempfile.mkdtemp(prefix="harness it's $(touch pwned) ", dir="/tmp")).resolve()
+    try:
+        venv = parent / "venv dir"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True,
+                       timeout=120)
+        (parent / "venv link").symlink_to("venv dir")
+        (parent / "secret").write_text("test machine only\n")
+        yield venv
+    finally:
+        shutil.rmtree(parent)
+
+
+@pytest.fixture(scope="module")
+def shown_host(tmp_venv: Path, client_key: ClientKey) -> Iterator[SshHost]:
+    """A host shown the venv through its symlink (plus the test interpreter, which the venv's
+    python links to)."""
+    with SshHost(visible_paths=[*interpreter_paths(), tmp_venv.with_name("venv link")]) as host:
+        host.authorize(client_key.public_line)
+        yield host
+
+
+def prefix_of(python: Path) -> str:
+    return f"{shlex.quote(str(python))} -c 'import sys; print(sys.prefix)'"
+
+
+def test_interpreter_under_tmp_runs_on_a_host_shown_it(shown_host: SshHost, tmp_venv: Path,
+                                                       client_key: ClientKey) -> None:
+    link = tmp_venv.with_name("venv link")
+    # Mounted at its real path and at the path given, both from the real directory.
+    assert {(str(tmp_venv), str(tmp_venv)), (str(tmp_venv), str(link))} <= set(shown_host.visible_mounts)
+    with connect(shown_host, client_key) as c:
+        for venv in (tmp_venv, link):
+            here = subprocess.run(prefix_of(venv / "bin" / "python"), shell=True, capture_output=True, text=True)
+            assert (here.returncode, here.stdout) == (0, f"{venv}\n"), here.stderr
+            assert run(c, prefix_of(venv / "bin" / "python")) == (0, here.stdout, "")
+        # Read-only: a host cannot change the test machine's interpreter...
+        rc, _, err = run(c, f"touch {shlex.quote(str(tmp_venv / 'from-host'))}")
+        assert rc != 0 and "Read-only file system" in err
+        assert not (tmp_venv / "from-host").exists()
+        # ...but making its own venv from it works as on a VM.
+        rc, out, err = run(c, f"{shlex.quote(str(tmp_venv / 'bin' / 'python'))} -m venv --without-pip /tmp/own && "
+                              "/tmp/own/bin/python -c 'import sys; print(sys.prefix)'")
+        assert (rc, out) == (0, "/tmp/own\n"), err
+    assert not os.path.exists("/tmp/own")
+
+
+def test_tmp_stays_private_beside_visible_paths(shown_host: SshHost, cluster: SshCluster, tmp_venv: Path,
+                                                client_key: ClientKey) -> None:
+    other = cluster[0]
+    fd, loose = tempfile.mkstemp(prefix="harness-test-machine-", dir="/tmp")
+    os.close(fd)
+    name = f"harness-{uuid.uuid4().hex}"
+    beside = tmp_venv.parent / name
+    try:
+        with connect(shown_host, client_key) as c, connect(other, client_key) as co:
+            # The test machine's files next to the visible venv, or elsewhere in /tmp, stay hidden.
+            for hidden in (tmp_venv.parent / "secret", loose):
+                assert run(c, f"test -e {shlex.quote(str(hidden))}")[0] == 1, f"{hidden} is visible on the host"
+            # What the host writes to /tmp, even beside the visible venv, stays in the host.
+            for f in (f"/tmp/{name}", str(beside)):
+                assert run(c, f"echo from-host > {shlex.quote(f)} && cat {shlex.quote(f)}") == (0, "from-host\n", "")
+                assert not os.path.exists(f), f"{f} written on {shown_host.ip} is visible on the test machine"
+                assert run(co, f"test -e {shlex.quote(f)}")[0] == 1, f"{f} written on {shown_host.ip} is on {other.ip}"
+            # Hosts without the visible path do not see it.
+            assert run(co, f"test -e {shlex.quote(str(tmp_venv))}")[0] == 1
+    finally:
+        os.unlink(loose)
+
+
+def test_default_visible_paths_are_the_interpreters() -> None:
+    paths = interpreter_paths()
+    real_dir = os.path.dirname(os.path.realpath(sys.executable))
+    for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.path.abspath(sys.executable)), real_dir):
+        assert p in paths or p in PRIVATE_DIRS, (p, paths)
+
+
+@pytest.mark.parametrize("bad, error", [(["/tmp"], ValueError), (["/tmp/no such dir/x"], ValueError),
+                                        ("/srv", TypeError)])
+def test_visible_paths_are_checked(bad: object, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        SshHost(visible_paths=bad)  # type: ignore[arg-type]
 
 
 def test_stop_kills_every_process_and_cleans_up(client_key: ClientKey) -> None:

@@ -16,19 +16,11 @@ from pathlib import Path
 import pytest
 
 from conftest import MLLM, REPO, SHAKESPEARE, launcher_env, mllm
-from harness.sshd import SshCluster
 from test_launcher_ssh import ZONE, Slice
 
 # A config path and a branch name that a careless shell would execute.
 WEIRD_CONFIG = "configs/it's a $(touch pwned-config) test.yaml"
 WEIRD_BRANCH = "feature/it's-$(touch${IFS}pwned-ref)"  # git allows no spaces in branch names
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    cluster = SshCluster(2).start()
-    yield cluster
-    cluster.stop()
 
 
 @pytest.fixture()
@@ -37,9 +29,11 @@ def bucket():
     the shared storage that holds the data and multi-host checkpoints. The data is copied
     there because the shared data dir may itself sit under a private /tmp."""
     path = Path(tempfile.mkdtemp(prefix="mllm-bucket-", dir="/srv"))
-    shutil.copy(SHAKESPEARE, path / "input.txt")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        shutil.copy(SHAKESPEARE, path / "input.txt")
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture()

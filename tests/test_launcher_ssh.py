@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
-
 from conftest import launcher_env, mllm
 from harness.sshd import SshCluster
 from harness.tpu_api import FakeTpuApi
@@ -39,13 +37,6 @@ class Slice:
                 h.authorize(key)
 
 
-@pytest.fixture(scope="module")
-def hosts():
-    cluster = SshCluster(2).start()
-    yield cluster
-    cluster.stop()
-
-
 def test_two_worker_lifecycle(tmp_path, hosts):
     secret = "s3cr3t-wandb-value-42"
     with Slice(hosts).api as api:
@@ -60,19 +51,20 @@ def test_two_worker_lifecycle(tmp_path, hosts):
 
         boot = run("bootstrap", "--python", sys.executable)
         assert boot.returncode == 0, boot.stderr
-        assert f"[w0] ready: {sys.executable}" in boot.stdout and f"[w1] ready: {sys.executable}" in boot.stdout
+        assert f"[w0] ready: {sys.executable} (existing" in boot.stdout and f"[w1] ready: {sys.executable}" in boot.stdout
 
         versions = run("versions", "--json")
         assert versions.returncode == 0, versions.stderr
         found = json.loads(versions.stdout)
-        assert set(found) == {"0", "1"}
+        assert set(found["workers"]) == {"0", "1"} and found["mismatches"] == []
         import jax
 
-        for v in found.values():
+        assert found["laptop"]["jax"] == jax.__version__ and found["laptop"]["python"] == found["workers"]["0"]["python"]
+        for v in found["workers"].values():
             assert v["python"] == ".".join(map(str, sys.version_info[:3])) and v["jax"] == jax.__version__
-            assert v["backend"] == "cpu" and v["device_count"] >= 1 and v["kernel"]
+            assert v["backend"] == "cpu" and v["device_count"] >= 1 and v["kernel"] and "libtpu" in v
         table = run("versions")
-        assert "jaxlib" in table.stdout and "cpu" in table.stdout
+        assert "jaxlib" in table.stdout and "cpu" in table.stdout and "laptop" in table.stdout and " *" not in table.stdout
 
         # Arguments arrive as arguments: nothing in them is expanded by the remote shell.
         echo = run("exec", "--worker", "all", "--", "echo", "$(id -u)", "a  b", "'q'")
@@ -160,21 +152,21 @@ def test_interactive_ssh_shell(tmp_path, hosts):
         assert f"marker-42 {hosts[0].hostname}".encode() in seen
 
 
-def test_bootstrap_venv_is_idempotent_and_recorded(tmp_path, hosts):
-    """A venv that already has the stack is kept as is, recorded, and used by `versions`."""
+def test_bootstrap_needs_a_repo_and_a_working_python(tmp_path, hosts):
+    """Bootstrap installs the synced repo, so it runs inside one; --python must run there."""
     with Slice(hosts).api as api:
         env = launcher_env(tmp_path, api.endpoint)
         run = lambda *a: mllm(*a, cwd=tmp_path, env=env)  # noqa: E731
         assert run("vm", "create", "venv", "--zone", ZONE, "--type", "v6e-8").returncode == 0
-        made = run("exec", "--", sys.executable, "-m", "venv", "--system-site-packages", "/root/venv-ok")
-        assert made.returncode == 0, made.stdout
-        boot = run("bootstrap", "--venv", "/root/venv-ok")
-        assert boot.returncode == 0, boot.stdout + boot.stderr
-        assert "[w0] venv already has jax and the project's dependencies" in boot.stdout
-        assert "[w0] ready: /root/venv-ok/bin/python" in boot.stdout
+        outside = run("bootstrap")
+        assert outside.returncode == 2
+        assert outside.stderr.strip() == "error: not inside a git repository: mllm sync/launch ship the current repo's commit"
+        unsynced = run("bootstrap", "--no-sync")
+        assert unsynced.returncode == 2 and unsynced.stderr.strip() == (
+            "error: worker 0: bootstrap failed: /root/mllm-jax/pyproject.toml not found: sync the repo first (`mllm sync`)")
+        ok = run("bootstrap", "--python", sys.executable)
+        assert ok.returncode == 0 and f"[w0] ready: {sys.executable} (existing interpreter)" in ok.stdout
         record = run("exec", "--", "cat", "/root/.mllm/python")
-        assert record.stdout.strip() == "[w0] /root/venv-ok/bin/python"
-        versions = json.loads(run("versions", "--json").stdout)
-        assert versions["0"]["backend"] == "cpu"
+        assert record.stdout.strip() == f"[w0] {sys.executable}"
         bad = run("bootstrap", "--python", "/no/such/python")
         assert bad.returncode == 2 and bad.stderr.startswith("error: worker 0: --python /no/such/python does not run")

@@ -20,7 +20,8 @@ def api():
 def test_create_list_describe_delete(tmp_path, api):
     env = launcher_env(tmp_path, api.endpoint)
     dry = mllm("vm", "create", "demo", "--zone", "us-east1-d", "--type", "v6e-8", "--dry-run", cwd=tmp_path, env=env)
-    assert dry.returncode == 0 and json.loads(dry.stdout)["version"] == "v6e-ubuntu-2404" and not api.nodes
+    assert dry.returncode == 0 and not api.nodes and not any(r.method == "POST" for r in api.requests)
+    assert json.loads(dry.stdout.split("\n", 1)[1])["runtimeVersion"] == "v6e-ubuntu-2404"
 
     out = mllm("vm", "create", "demo", "--zone", "us-east1-d", "--type", "v6e-8", cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
@@ -55,9 +56,11 @@ def test_create_list_describe_delete(tmp_path, api):
     assert mllm("vm", "delete", "--vm", "later", "--yes", cwd=tmp_path, env=env).returncode == 0
 
     api.set_state(auto_name, "PREEMPTED")
-    gone = mllm("vm", "delete", "--preempted", "--yes", cwd=tmp_path, env=env)
-    assert gone.returncode == 0 and f"deleted {auto_name}" in gone.stdout
-    deleted = mllm("vm", "delete", "--vm", "demo", "--yes", cwd=tmp_path, env=env)
+    gone = mllm("vm", "delete", "--stale", "--yes", cwd=tmp_path, env=env)
+    assert gone.returncode == 0 and f"deleted {auto_name} (PREEMPTED)" in gone.stdout
+    described = json.loads(mllm("vm", "describe", "demo", cwd=tmp_path, env=env).stdout)  # gcloud's habit: NAME
+    assert described["name"] == "demo" and described["queued"] is None
+    deleted = mllm("vm", "delete", "demo", "--yes", cwd=tmp_path, env=env)
     assert deleted.returncode == 0 and not api.nodes
 
 
@@ -70,6 +73,11 @@ def test_create_list_describe_delete(tmp_path, api):
         (["vm", "delete", "--vm", "nope", "--zone", "us-east1-d", "--yes"], "error: TPU VM nope in us-east1-d: not found"),
         (["env", "push", "--src", "missing.env", "--vm", "x", "--zone", "us-east1-d"], "error: --src missing.env: env file not found"),
         (["vm", "describe", "--zone", "us-east1-d"], "error: --vm is required"),
+        (["vm", "describe", "a", "--vm", "b", "--zone", "us-east1-d"], "error: NAME 'a' and --vm 'b' differ: give one"),
+        (["vm", "create", "x", "--zone", "us-east1-d", "--guaranteed"], "error: --guaranteed, --reserved and --valid-for need --queued"),
+        (["vm", "create", "x", "--zone", "us-east1-d", "--queued", "--valid-for", "soon"],
+         "error: --valid-for 'soon': expected a duration such as 6h, 90m, 1d12h or 3600s"),
+        (["vm", "delete", "x", "--stale", "--zone", "us-east1-d", "--yes"], "error: --stale deletes every dead VM"),
     ],
 )
 def test_bad_input_is_one_line_and_creates_nothing(tmp_path, api, args, message):
@@ -96,3 +104,100 @@ def test_worker_out_of_range(tmp_path, api):
     out = mllm("exec", "--worker", "3", "--", "true", cwd=tmp_path, env=env)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: --worker 3: out of range, the VM has 1 worker(s) (0..0)"
+
+
+def test_queued_create_waits_then_delete_removes_node_and_queue(tmp_path):
+    with FakeTpuApi(op_delay=0.1, qr_wait=1.0) as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        out = mllm("vm", "create", "q1", "--queued", "--zone", "us-east1-d", "--type", "v6e-8", "--valid-for", "6h",
+                   "--poll", "0.1", cwd=tmp_path, env=env)
+        assert out.returncode == 0, out.stderr
+        states = [line.split(": ")[1].split()[0] for line in out.stderr.splitlines() if line.startswith("queued resource q1: ")]
+        assert states[0] in ("CREATING", "ACCEPTED") and "WAITING_FOR_RESOURCES" in states and states[-1] == "ACTIVE"
+        assert states.index("WAITING_FOR_RESOURCES") < states.index("ACTIVE"), states
+        (qr,) = api.queued_resources.values()
+        (sent,) = [r.body for r in api.requests if r.method == "POST" and r.path.endswith("/queuedResources")]
+        assert "spot" in qr and sent["queueingPolicy"] == {"validUntilDuration": "21600s"}
+        assert qr["tpu"]["nodeSpec"][0]["nodeId"] == "q1" and api.node("q1")["state"] == "READY"
+        rows = json.loads(mllm("vm", "list", "--json", cwd=tmp_path, env=env).stdout)
+        assert [(r["name"], r["state"], r["queued"], r["spot"]) for r in rows] == [("q1", "READY", "ACTIVE", True)]
+        assert "ACTIVE" in mllm("vm", "list", cwd=tmp_path, env=env).stdout
+        gone = mllm("vm", "delete", "q1", "--yes", cwd=tmp_path, env=env)
+        assert gone.returncode == 0 and "deleted q1 (VM and queued resource q1)" in gone.stdout, gone.stdout
+        assert not api.nodes and not api.queued_resources
+
+
+def test_failed_queue_prints_its_reason_and_stale_ones_are_cleared(tmp_path):
+    with FakeTpuApi(op_delay=0.1, qr_wait=0.3) as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        api.fail_next_queued_resource("RESOURCE_EXHAUSTED", "no v6e-8 spot capacity in us-east1-d")
+        out = mllm("vm", "create", "q2", "--queued", "--zone", "us-east1-d", "--poll", "0.1", cwd=tmp_path, env=env)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert out.stderr.splitlines()[-1] == ("error: queued resource q2 in us-east1-d is FAILED: no v6e-8 spot capacity "
+                                               "in us-east1-d (deleted it)")
+        assert not api.queued_resources and not api.nodes  # a dead queue is not left eating quota
+
+        # Left behind by others: a FAILED queue (asked for with --async), a SUSPENDED one (its spot
+        # node preempted), a PREEMPTED plain VM; and a healthy VM that must stay.
+        api.fail_next_queued_resource("RESOURCE_EXHAUSTED", "stockout")
+        for args in (["dead", "--queued", "--async"], ["spotq", "--queued"], ["plain"], ["keep"]):
+            made = mllm("vm", "create", *args, "--zone", "us-east1-d", "--poll", "0.1", cwd=tmp_path, env=env)
+            assert made.returncode == 0, made.stderr
+        api.set_state("spotq", "PREEMPTED")
+        api.set_state("plain", "PREEMPTED")
+        rows = {r["name"]: r for r in json.loads(mllm("vm", "list", "--json", cwd=tmp_path, env=env).stdout)}
+        assert rows["dead"]["state"] == "FAILED" and rows["dead"]["reason"] == "stockout"
+        assert rows["spotq"]["queued"] == "SUSPENDED" and rows["plain"]["state"] == "PREEMPTED"
+
+        before = len(api.requests)
+        dry = mllm("vm", "delete", "--stale", "--dry-run", cwd=tmp_path, env=env)
+        assert dry.returncode == 0, dry.stderr
+        base = f"{api.endpoint}/v2/projects/test-project/locations/us-east1-d"
+        assert sorted(dry.stdout.splitlines()) == sorted([f"DELETE {base}/queuedResources/dead?force=true",
+                                                          f"DELETE {base}/queuedResources/spotq?force=true",
+                                                          f"DELETE {base}/nodes/plain"])
+        assert all(r.method == "GET" for r in api.requests[before:])
+        cleared = mllm("vm", "delete", "--stale", "--yes", cwd=tmp_path, env=env)
+        assert cleared.returncode == 0, cleared.stderr
+        assert [r["name"] for r in json.loads(mllm("vm", "list", "--json", cwd=tmp_path, env=env).stdout)] == ["keep"]
+        assert not api.queued_resources
+        nothing = mllm("vm", "delete", "--stale", "--yes", cwd=tmp_path, env=env)
+        assert nothing.returncode == 0 and "nothing stale in us-east1-d" in nothing.stdout
+
+
+def test_dry_run_sends_nothing(tmp_path):
+    with FakeTpuApi(op_delay=0.1) as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        base = f"{api.endpoint}/v2/projects/test-project/locations/us-east1-d"
+        queued = mllm("vm", "create", "dq", "--queued", "--reserved", "my-res", "--zone", "us-east1-d", "--dry-run",
+                      cwd=tmp_path, env=env)
+        assert queued.returncode == 0, queued.stderr
+        line, body = queued.stdout.split("\n", 1)
+        assert line == f"POST {base}/queuedResources?queuedResourceId=dq"
+        body = json.loads(body)
+        assert body["reservationName"] == "projects/test-project/locations/us-east1-d/reservations/my-res"
+        assert "spot" not in body and body["tpu"]["nodeSpec"][0]["node"]["acceleratorType"] == "v6e-8"
+        plain = mllm("vm", "create", "dn", "--zone", "us-east1-d", "--dry-run", cwd=tmp_path, env=env)
+        assert plain.stdout.startswith(f"POST {base}/nodes?nodeId=dn\n")
+        assert json.loads(plain.stdout.split("\n", 1)[1])["schedulingConfig"] == {"spot": True}
+        assert not (tmp_path / "config" / "mllm" / "id_ed25519").exists()  # not even a key is made
+        assert mllm("vm", "create", "real", "--zone", "us-east1-d", cwd=tmp_path, env=env).returncode == 0
+        before = len(api.requests)
+        dry = mllm("vm", "delete", "real", "--dry-run", cwd=tmp_path, env=env)
+        assert dry.returncode == 0 and dry.stdout.strip() == f"DELETE {base}/nodes/real"
+        assert all(r.method == "GET" for r in api.requests[before:]) and api.node("real")["state"] == "READY"
+        assert not any(r.method in ("POST", "DELETE") and "/dq" in r.path + str(r.query) for r in api.requests)
+
+
+def test_list_all_zones(tmp_path):
+    with FakeTpuApi(op_delay=0.1) as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        for name, zone in (("east", "us-east1-d"), ("west", "europe-west4-a")):
+            assert mllm("vm", "create", name, "--zone", zone, cwd=tmp_path, env=env).returncode == 0
+        rows = json.loads(mllm("vm", "list", "--all-zones", "--json", cwd=tmp_path, env=env).stdout)
+        assert sorted((r["name"], r["zone"]) for r in rows) == [("east", "us-east1-d"), ("west", "europe-west4-a")]
+
+
+def test_help_renders_literally(tmp_path):
+    out = mllm("logs", "--help", cwd=tmp_path, env=launcher_env(tmp_path, "http://127.0.0.1:9"))
+    assert "`[wK]`-prefixed" in out.stdout

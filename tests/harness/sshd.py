@@ -13,8 +13,29 @@ setup) inside its own namespaces, made with `unshare --mount --propagation priva
   * `/root` (the remote home; user root) is an overlay whose lower layer is the real `/root`
     (read-only in effect, so `/root/.pyenv` and the test interpreter stay usable) and whose upper
     layer is a per-host tmpfs: writes land in the host only.
-  * `/tmp`, `/var/tmp`, `/dev/shm` and `/run` are fresh per-host tmpfs directories.
-  * Everything else (`/usr`, `/etc`, `/work`, the repository) is the test machine's, shared.
+  * `/tmp`, `/var/tmp`, `/dev/shm` and `/run` are fresh per-host tmpfs directories...
+  * ...except for the `visible_paths` (a constructor argument) that sit under one of them: each is
+    bind-mounted, read-only, at the same path inside the host's fresh directory, so a host sees
+    the test machine's copy there and nothing else of the real `/tmp` (etc.). The default,
+    `interpreter_paths()`, is what `REMOTE_PYTHON` needs to run: `sys.prefix`, `sys.exec_prefix`,
+    `sys.base_prefix`, `sys.base_exec_prefix`, and the directory of every hop of the symlink
+    chain of `sys.executable` (a venv's `bin/python` -> the base interpreter), down to the real
+    file. So a checkout with its venv under /tmp (`git clone ... /tmp/x && python3 -m venv
+    /tmp/x/.venv`) works like one under /work. The checkout itself is NOT exposed, on purpose:
+    workers run the code the launcher syncs into their own /root (`~/mllm-jax`), and the
+    editable install's finder (which maps `mllm_jax` to the checkout) must not let them import
+    the test machine's copy instead; nor is the shared data dir next to it (tests copy data to a
+    shared directory outside the private ones, e.g. /srv, as test_launch's bucket does). Paths
+    under `/root` need no mount (the overlay already shows the real files) and paths outside the
+    private dirs are shared anyway; both are left alone. A symlink is followed: the real target
+    is mounted at its own path and at the path given. Read-only (keeping the source's
+    nosuid/nodev/noexec) because the real directory is shared by every host and the test
+    machine: a host cannot install into or delete from the test interpreter (Python just skips
+    writing `__pycache__` there; a host's own `python -m venv`, pip and its cache in ~/.cache
+    work in its /root or /tmp as usual). Binds are not recursive: mounts below a visible
+    directory on the test machine are not carried over.
+  * Everything else (`/usr`, `/etc`, `/work`, the repository when it is not under a private
+    dir) is the test machine's, shared.
   * `/etc/hosts` is the machine's plus a line naming the host's own address, so its hostname
     resolves (gloo, under jax.distributed on CPU, needs that).
   Nothing is mounted on the test machine itself: the mounts exist only inside the namespace, which
@@ -27,7 +48,8 @@ The network is NOT private: a port opened on host A (e.g. the jax.distributed co
 reachable from host B at host A's IP, as on a TPU slice.
 
 Remote commands: use `host.python` (== `REMOTE_PYTHON`, the absolute path of the interpreter that
-runs the tests, so it has jax and the project installed). `python3` on the remote PATH also works:
+runs the tests, so it has jax and the project's dependencies installed; with the default
+`visible_paths` it runs on every host wherever it lives). `python3` on the remote PATH also works:
 sshd's `SetEnv PATH=` puts the directory of that interpreter first; but the login shell (bash, which
 on Debian sources `~/.bashrc` for ssh commands) may change PATH again, so absolute paths are safer.
 
@@ -67,33 +89,76 @@ DEFAULT_PORT = 22
 REMOTE_STATE_DIR = "/run/mllm-sshd"
 REMOTE_PYTHON = sys.executable
 PRIVATE_DIRS = ("/root", "/tmp", "/var/tmp", "/dev/shm", "/run")
+# The private dirs that are fresh tmpfs directories, and their names inside the host's tmpfs `fs`
+# (where visible paths get their mount points before the directory covers the real one).
+_TMPFS_DIRS = {"/tmp": "tmp", "/var/tmp": "vartmp", "/dev/shm": "shm", "/run": "run"}
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _SETUP_FAILED = 97  # exit status of the namespace setup script, so start() can name the cause
 
-# Runs as the first process of the new namespaces (argv: state dir, hostname, sshd, REMOTE_STATE_DIR),
-# then becomes sshd (PID 1 of the host).
+# Runs as the first process of the new namespaces (argv: state dir, hostname, sshd, REMOTE_STATE_DIR,
+# then one (source, target, options) triple per visible path), then becomes sshd (PID 1 of the host).
 # Every path after `cd` is relative and `mount -c` passes it to the kernel as is, so the setup works
 # wherever the state dir lives, even under a directory it is about to cover (/tmp, /root, ...).
+# Visible paths are bound first, while their absolute sources still name the test machine's files;
+# their targets lie inside the tmpfs (`tmp/...` for /tmp/...), and the private dirs are put in place
+# with `--rbind`, which carries those binds along. Paths only ever travel as arguments.
 _SETUP_SCRIPT = r"""
 set -u
 fail() { echo "sshd harness: $*" >&2; exit 97; }
 cd "$1" || fail "cannot enter state dir $1"
 echo "$2" > /proc/sys/kernel/hostname || fail "cannot set hostname (uts namespace)"
+sshd=$3 config=$4/sshd_config
+shift 4
 mount -c -t tmpfs -o mode=0755 mllm-vm fs || fail "cannot mount a tmpfs (needs root with CAP_SYS_ADMIN)"
 (cd fs && mkdir root.upper root.work tmp vartmp shm run run/sshd run/mllm-sshd && chmod 1777 tmp vartmp shm) \
   || fail "mkdir in the tmpfs failed"
 mount -c --bind . fs/run/mllm-sshd || fail "cannot bind the state dir"
 mount -c --bind hosts /etc/hosts || fail "cannot bind a private /etc/hosts"
 cd fs || fail "cannot enter the tmpfs"
+while [ $# -ge 3 ]; do
+  if [ -d "$1" ]; then
+    mkdir -p -- "$2" || fail "cannot make a mount point for visible path $1"
+  else  # a file: make its parents, then an empty file to mount on
+    { mkdir -p -- "$2" && rmdir -- "$2" && : > "$2"; } || fail "cannot make a mount point for visible path $1"
+  fi
+  mount -c --bind -- "$1" "$2" || fail "cannot bind visible path $1"
+  mount -c -o "remount,bind,$3" -- "$2" || fail "cannot make visible path $1 read-only"
+  shift 3
+done
 mount -c -t overlay overlay -o lowerdir=/root,upperdir=root.upper,workdir=root.work /root \
   || fail "cannot mount an overlay on /root (kernel overlayfs support needed)"
 mount -c --rbind run /run || fail "cannot bind /run"
-mount -c --bind vartmp /var/tmp || fail "cannot bind /var/tmp"
-mount -c --bind shm /dev/shm || fail "cannot bind /dev/shm"
-mount -c --bind tmp /tmp || fail "cannot bind /tmp"
+mount -c --rbind vartmp /var/tmp || fail "cannot bind /var/tmp"
+mount -c --rbind shm /dev/shm || fail "cannot bind /dev/shm"
+mount -c --rbind tmp /tmp || fail "cannot bind /tmp"
 cd /
-exec "$3" -D -e -f "$4/sshd_config"
+exec "$sshd" -D -e -f "$config"
 """
+
+
+def interpreter_paths() -> tuple[str, ...]:
+    """The default `visible_paths`: what `REMOTE_PYTHON` needs to start and import its packages.
+
+    - `sys.prefix`, `sys.exec_prefix`: a venv's own tree (its `bin/`, `pyvenv.cfg`, site-packages).
+    - `sys.base_prefix`, `sys.base_exec_prefix`: the interpreter the venv was made from (stdlib,
+      libpython, its site-packages when the venv includes system site-packages).
+    - the directory of each hop of `sys.executable`'s symlink chain (`.venv/bin/python3` ->
+      `python3.11` -> `/usr/bin/python3.11`), down to the real file, so the path a host is told to
+      run resolves there as it does here.
+    A directory that is itself a private dir (an interpreter at /tmp/python3) cannot be exposed
+    without making that dir shared; the file is exposed instead. Most of these paths are not
+    under a private dir at all, and need no mount.
+    """
+    paths = [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix]
+    hop = os.path.abspath(sys.executable)
+    for _ in range(40):  # the kernel's own limit on symlink hops
+        paths.append(os.path.dirname(hop) if os.path.dirname(hop) not in PRIVATE_DIRS else hop)
+        if not os.path.islink(hop):
+            break
+        hop = os.path.abspath(os.path.join(os.path.dirname(hop), os.readlink(hop)))
+    real = os.path.realpath(sys.executable)
+    paths.append(os.path.dirname(real) if os.path.dirname(real) not in PRIVATE_DIRS else real)
+    return tuple(dict.fromkeys(p for p in paths if p and p not in PRIVATE_DIRS and os.path.exists(p)))
 
 
 class HarnessUnavailable(RuntimeError):
@@ -155,8 +220,15 @@ class SshHost:
     def __init__(self, ip: str | None = None, *, port: int = DEFAULT_PORT, first_ip: str = DEFAULT_FIRST_IP,
                  hostname: str | None = None, base_dir: str | os.PathLike[str] | None = None,
                  log_level: str = "VERBOSE", start_timeout: float = 10.0,
-                 extra_config: Sequence[str] = ()) -> None:
+                 extra_config: Sequence[str] = (),
+                 visible_paths: Sequence[str | os.PathLike[str]] | None = None) -> None:
+        """`visible_paths`: files or directories of the test machine the host sees at the same
+        path, read-only, even under its private /tmp, /var/tmp, /dev/shm or /run (see the module
+        docstring). None means `interpreter_paths()`; a list replaces it, so pass
+        `[*interpreter_paths(), extra]` to add to it. Each must exist; a private dir itself
+        (e.g. "/tmp") is refused, since exposing it would make it shared."""
         check_supported()
+        self._visible_mounts = _visible_mounts(interpreter_paths() if visible_paths is None else visible_paths)
         self._port = port
         self._start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -221,6 +293,11 @@ class SshHost:
     def python(self) -> str:
         """Absolute interpreter path for remote commands: the test runner's own, which has jax."""
         return REMOTE_PYTHON
+
+    @property
+    def visible_mounts(self) -> list[tuple[str, str]]:
+        """(test-machine path, path on the host) of each visible path that needed a mount."""
+        return [(m.source, m.host_path) for m in self._visible_mounts]
 
     @property
     def state_dir(self) -> Path:
@@ -330,7 +407,8 @@ class SshHost:
             raise RuntimeError(f"{self!r} already started")
         cmd = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
                "--mount-proc", "--uts", "sh", "-c", _SETUP_SCRIPT, "sshd-harness-setup",
-               str(self._state), self._hostname, SSHD, REMOTE_STATE_DIR]
+               str(self._state), self._hostname, SSHD, REMOTE_STATE_DIR,
+               *(arg for m in self._visible_mounts for arg in (m.source, m.target, m.options))]
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True, close_fds=True)
@@ -394,14 +472,16 @@ class SshCluster:
     """
 
     def __init__(self, num_hosts: int, *, first_ip: str = DEFAULT_FIRST_IP, port: int = DEFAULT_PORT,
-                 base_dir: str | os.PathLike[str] | None = None, **host_kwargs: object) -> None:
+                 base_dir: str | os.PathLike[str] | None = None,
+                 visible_paths: Sequence[str | os.PathLike[str]] | None = None, **host_kwargs: object) -> None:
+        """`visible_paths` and `host_kwargs` go to every SshHost (None: `interpreter_paths()`)."""
         if num_hosts < 1:
             raise ValueError("num_hosts must be >= 1")
         self.hosts: list[SshHost] = []
         try:
             for _ in range(num_hosts):
                 self.hosts.append(SshHost(first_ip=first_ip, port=port, base_dir=base_dir,
-                                          **host_kwargs))  # type: ignore[arg-type]
+                                          visible_paths=visible_paths, **host_kwargs))  # type: ignore[arg-type]
         except BaseException:
             self.stop()
             raise
@@ -522,6 +602,70 @@ class _IpLease:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+@dataclass(frozen=True)
+class _VisibleMount:
+    source: str  # the real path on the test machine (symlinks resolved)
+    host_path: str  # where the host sees it (absolute, under a fresh-tmpfs private dir)
+    options: str  # for the read-only remount: "ro" plus the source's nosuid/nodev/noexec flags
+
+    @property
+    def target(self) -> str:
+        """host_path inside the host's tmpfs, relative to it, as the setup script mounts it."""
+        top = _private_dir_of(self.host_path)
+        assert top is not None
+        return _TMPFS_DIRS[top] + self.host_path[len(top):]
+
+
+def _private_dir_of(path: str) -> str | None:
+    """The private directory that is `path` or contains it, if any."""
+    return next((d for d in PRIVATE_DIRS if _is_within(path, d)), None)
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _visible_mounts(paths: Sequence[str | os.PathLike[str]]) -> list[_VisibleMount]:
+    """The bind mounts that make `paths` visible on a host: one at each path's real location and
+    one at the path as given (when a symlink makes them differ), both from the real one, for those
+    under a fresh-tmpfs private dir; none for a path inside another mount (the outer bind shows it
+    as the test machine does)."""
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError("visible_paths takes a sequence of paths, not one path")
+    wanted: dict[str, str] = {}
+    for p in paths:
+        given = os.path.abspath(os.fspath(p))
+        if not os.path.lexists(given):
+            raise ValueError(f"visible path {given!r} does not exist")
+        real = os.path.realpath(given)
+        if not os.path.exists(real):
+            raise ValueError(f"visible path {given!r} is a dangling symlink (to {real!r})")
+        for host_path in dict.fromkeys((real, given)):
+            top = _private_dir_of(host_path)
+            if top is None or top == "/root":  # shared anyway / shown by the /root overlay
+                continue
+            if host_path == top:
+                raise ValueError(f"visible path {given!r} would expose all of {top}, which is private to "
+                                 "each host; name the directories under it that hosts need")
+            if _is_within(host_path, REMOTE_STATE_DIR):
+                raise ValueError(f"visible path {given!r} is under {REMOTE_STATE_DIR}, the host's own state dir")
+            wanted.setdefault(host_path, real)
+    mounts: list[_VisibleMount] = []
+    for host_path in sorted(wanted):  # a directory sorts before everything under it
+        if any(_is_within(host_path, m.host_path) for m in mounts):
+            continue
+        mounts.append(_VisibleMount(wanted[host_path], host_path, _readonly_options(wanted[host_path])))
+    return mounts
+
+
+def _readonly_options(path: str) -> str:
+    """"ro" plus the restrictions the source's mount has, which a bind remount would otherwise drop."""
+    flags = os.statvfs(path).f_flag
+    kept = [name for bit, name in ((os.ST_NOSUID, "nosuid"), (os.ST_NODEV, "nodev"), (os.ST_NOEXEC, "noexec"))
+            if flags & bit]
+    return ",".join(["ro", *kept])
 
 
 def _keygen(path: Path, comment: str) -> None:
