@@ -13,7 +13,7 @@ import typer
 
 from launcher import state
 from launcher.errors import LauncherError
-from mllm_jax import __version__
+from mllm_jax import __version__, contracts
 
 if TYPE_CHECKING:  # imported lazily at run time: `mllm --help` stays fast
     from launcher import cloud, ssh
@@ -349,7 +349,7 @@ def env_push(
 def bootstrap_cmd(
     vm: Optional[str] = VmOpt, zone: Optional[str] = ZoneOpt, project: Optional[str] = ProjectOpt,
     worker: str = WorkerOpt, internal_ip: bool = InternalOpt, user: str = UserOpt,
-    venv: str = typer.Option("/root/mllm-venv", "--venv", help="Virtualenv to create on each worker."),
+    venv: str = typer.Option(contracts.DEFAULT_VENV, "--venv", help="Virtualenv to create on each worker."),
     python: Optional[str] = typer.Option(None, "--python", help="Use this existing interpreter instead of a venv."),
     jax_version: Optional[str] = typer.Option(None, "--jax-version", help="jax/jaxlib (and libtpu) at this version instead of the laptop's."),
     python_version: Optional[str] = typer.Option(None, "--python-version", help="The venv's Python, e.g. 3.12 (default: the laptop's); uv downloads it if missing."),
@@ -555,8 +555,8 @@ def launch_cmd(
             if jax_versions[t.index] != jax_versions[first.index]:
                 raise LauncherError(f"{t.label} has jax {jax_versions[t.index]} but {first.label} has "
                                     f"{jax_versions[first.index]}: mixed versions hang jax.distributed; run `mllm bootstrap`")
-        run_id = jobs.new_run_id(recipe, sha)
-        coordinator = f"{v.internal_ips[targets[0].index]}:{jobs.COORDINATOR_PORT}" if v else None
+        run_id = contracts.run_id(recipe, sha)
+        coordinator = f"{v.internal_ips[targets[0].index]}:{contracts.COORDINATOR_PORT}" if v else None
         spec = jobs.LaunchSpec(recipe, config_arg, list(overrides), run_id, env_file, coordinator, len(targets))
         started: list[jobs.Target] = []
         try:
@@ -626,7 +626,7 @@ def logs_cmd(run: Optional[str] = RunArg, local: bool = LocalOpt, vm: Optional[s
             _stream_all(targets, run_id, until_exit=True)
         else:
             for t in targets:
-                code, out = t.sh(f"cat {t.repo}/runs/{shlex.quote(run_id)}/logs/worker-{t.index}.log")
+                code, out = t.sh(f"cat {t.repo}/{contracts.RUNS_DIR}/{shlex.quote(run_id)}/{contracts.worker_log(t.index)}")
                 if code:
                     raise LauncherError(f"{t.label}: no log for run {run_id}")
                 for line in out.splitlines():
@@ -637,7 +637,7 @@ def logs_cmd(run: Optional[str] = RunArg, local: bool = LocalOpt, vm: Optional[s
 def stop_cmd(run: Optional[str] = RunArg, local: bool = LocalOpt, vm: Optional[str] = VmOpt,
              zone: Optional[str] = ZoneOpt, project: Optional[str] = ProjectOpt, worker: str = WorkerOpt,
              internal_ip: bool = InternalOpt, user: str = UserOpt,
-             grace: float = typer.Option(60.0, "--grace", help="Seconds between TERM (checkpoint) and KILL.")) -> None:
+             grace: float = typer.Option(contracts.STOP_GRACE_SEC, "--grace", help="Seconds between TERM (checkpoint) and KILL.")) -> None:
     """Stop the run on every worker: TERM (the trainer checkpoints), then KILL after --grace."""
     from launcher import jobs, ssh
 
@@ -648,7 +648,7 @@ def stop_cmd(run: Optional[str] = RunArg, local: bool = LocalOpt, vm: Optional[s
 
 
 @app.command("fetch-summary")
-def fetch_summary_cmd(run: Optional[str] = RunArg, dest: str = typer.Option("runs", "--dest", help="Local folder."),
+def fetch_summary_cmd(run: Optional[str] = RunArg, dest: str = typer.Option(contracts.RUNS_DIR, "--dest", help="Local folder."),
                       local: bool = LocalOpt, vm: Optional[str] = VmOpt, zone: Optional[str] = ZoneOpt,
                       project: Optional[str] = ProjectOpt, internal_ip: bool = InternalOpt, user: str = UserOpt) -> None:
     """Copy run_summary.json, the resolved config and metrics.jsonl home; index the run."""
@@ -658,9 +658,9 @@ def fetch_summary_cmd(run: Optional[str] = RunArg, dest: str = typer.Option("run
 
     with _run_on(run, local, vm, zone, project, internal_ip, "0", user) as (targets, v, run_id):
         summary = (runs.fetch(targets[0], run_id, Path(dest)) if not local
-                   else json.loads((Path("runs") / run_id / "run_summary.json").read_text()))
+                   else json.loads((Path(contracts.RUNS_DIR) / run_id / contracts.SUMMARY_FILE).read_text()))
     entry = runs.record(run_id, summary, v.name if v else None, v.zone if v else None,
-                        Path(dest) if not local else Path("runs"))
+                        Path(dest) if not local else Path(contracts.RUNS_DIR))
     typer.echo(f"{run_id}: {summary.get('status')} at step {summary.get('final_step')}, "
                f"final train loss {summary.get('final_train_loss')}, eval loss {entry['eval_loss']} "
                f"(best {entry['best_eval_loss']}), commit {str(entry['commit'])[:12]}, "

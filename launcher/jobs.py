@@ -12,16 +12,17 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 from launcher import ssh
 from launcher.errors import LauncherError
+from launcher.remote import remote_python
+from mllm_jax import contracts
+from mllm_jax.contracts import STOP_GRACE_SEC, worker_file, worker_log
 
-COORDINATOR_PORT = 8476
-STOP_GRACE_SEC = 60
+RUNS = contracts.RUNS_DIR
 
 
 class Target(Protocol):
@@ -43,8 +44,8 @@ class Target(Protocol):
 class RemoteTarget:
     conns: ssh.Connections
     worker: ssh.Worker
-    repo: str = '"$HOME"/mllm-jax'
-    python: str = '"$(cat "$HOME/.mllm/python" 2>/dev/null || echo python3)"'  # as `mllm bootstrap` chose
+    repo: str = '"$HOME"/' + contracts.REMOTE_REPO.removeprefix("~/")
+    python: str = remote_python()  # as `mllm bootstrap` chose
 
     @property
     def index(self) -> int:
@@ -96,10 +97,10 @@ def _checked(t: Target, script: str, what: str) -> str:
 def running_jobs(t: Target) -> list[str]:
     """Run ids with a live job process on this target."""
     out = _checked(t, f"""cd {t.repo} 2>/dev/null || exit 0
-for f in runs/*/worker-*.pid; do
+for f in {RUNS}/*/worker-*.pid; do
   [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && echo "$f"
 done; exit 0""", "looking for running jobs")
-    return sorted({line.split("/")[1] for line in out.splitlines() if line.startswith("runs/")})
+    return sorted({line.split("/")[1] for line in out.splitlines() if line.startswith(f"{RUNS}/")})
 
 
 @dataclass
@@ -118,7 +119,7 @@ def start(t: Target, spec: LaunchSpec, process_id: int = 0) -> None:
     """Start process `process_id` of the job on one target, detached in its own session (it
     outlives the connection)."""
     k = t.index
-    run = f"runs/{spec.run_id}"
+    run = f"{RUNS}/{spec.run_id}"
     train = ['"$PY"', "-m", "mllm_jax", "train", shlex.quote(spec.recipe), "--config", shlex.quote(spec.config),
              "--set", shlex.quote(f"output_dir={run}")]
     for item in spec.overrides:
@@ -127,8 +128,8 @@ def start(t: Target, spec: LaunchSpec, process_id: int = 0) -> None:
         train += ["--env-file", shlex.quote(spec.env_file)]
     env = ""
     if spec.num_processes > 1:
-        env = (f"export MLLM_COORDINATOR_ADDRESS={shlex.quote(spec.coordinator or '')} "
-               f"MLLM_NUM_PROCESSES={spec.num_processes} MLLM_PROCESS_ID={process_id}\n")
+        env = (f"export {contracts.ENV_COORDINATOR}={shlex.quote(spec.coordinator or '')} "
+               f"{contracts.ENV_NUM_PROCESSES}={spec.num_processes} {contracts.ENV_PROCESS_ID}={process_id}\n")
     # The job script: forwards TERM/INT to the trainer (which checkpoints and exits 143) and
     # always records the exit code.
     job = f"""PY={t.python}
@@ -137,18 +138,18 @@ child=$!
 trap 'kill -TERM $child 2>/dev/null' TERM INT
 wait $child; code=$?
 while kill -0 $child 2>/dev/null; do wait $child; code=$?; done
-echo $code > {run}/worker-{k}.exit
+echo $code > {run}/{worker_file(k, "exit")}
 exit $code
 """
     _checked(t, f"""set -e
 cd {t.repo}
-mkdir -p {run}/logs
-cat > {run}/worker-{k}.sh <<'MLLM_JOB_EOF'
+mkdir -p {run}/{contracts.LOGS_DIR}
+cat > {run}/{worker_file(k, "sh")} <<'MLLM_JOB_EOF'
 {job}MLLM_JOB_EOF
 {_CLEAR_STALE_TPU_LOCK}
-ln -sfn {shlex.quote(spec.run_id)} runs/latest
-setsid nohup sh {run}/worker-{k}.sh > {run}/logs/worker-{k}.log 2>&1 < /dev/null &
-echo $! > {run}/worker-{k}.pid""", "starting the job")
+ln -sfn {shlex.quote(spec.run_id)} {RUNS}/{contracts.LATEST}
+setsid nohup sh {run}/{worker_file(k, "sh")} > {run}/{worker_log(k)} 2>&1 < /dev/null &
+echo $! > {run}/{worker_file(k, "pid")}""", "starting the job")
 
 
 # libtpu leaves /tmp/libtpu_lockfile behind when a job dies; it blocks the next one ("TPU
@@ -172,14 +173,15 @@ class WorkerStatus:
 
 
 def status(t: Target, run_id: str) -> WorkerStatus:
-    run = f"runs/{shlex.quote(run_id)}"
+    run = f"{RUNS}/{shlex.quote(run_id)}"
     k = t.index
+    pid = f"{run}/{worker_file(k, 'pid')}"
     code, out = t.sh(f"""cd {t.repo} 2>/dev/null && [ -d {run} ] || {{ echo MISSING; exit 0; }}
-if [ -f {run}/worker-{k}.pid ] && kill -0 "$(cat {run}/worker-{k}.pid)" 2>/dev/null; then echo RUNNING
-elif [ -f {run}/worker-{k}.exit ]; then echo "EXITED $(cat {run}/worker-{k}.exit)"
+if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then echo RUNNING
+elif [ -f {run}/{worker_file(k, "exit")} ]; then echo "EXITED $(cat {run}/{worker_file(k, "exit")})"
 else echo LOST; fi
-tail -n 200 {run}/metrics.jsonl 2>/dev/null | grep '"train/loss"' | tail -n 1 | sed 's/^/STEP /'
-tail -n 1 {run}/logs/worker-{k}.log 2>/dev/null | sed 's/^/LAST /'""")
+tail -n 200 {run}/{contracts.METRICS_FILE} 2>/dev/null | grep '"train/loss"' | tail -n 1 | sed 's/^/STEP /'
+tail -n 1 {run}/{worker_log(k)} 2>/dev/null | sed 's/^/LAST /'""")
     lines = out.splitlines()
     head = lines[0] if lines else "LOST"
     state = {"RUNNING": "running", "LOST": "lost", "MISSING": "missing"}.get(head, head.replace("EXITED", "exited"))
@@ -191,25 +193,25 @@ tail -n 1 {run}/logs/worker-{k}.log 2>/dev/null | sed 's/^/LAST /'""")
 def follow(t: Target, run_id: str, on_line: Callable[[str], None], from_line: int = 1,
            until_exit: bool = True) -> int:
     """Stream a worker's log from line `from_line`; with `until_exit`, stop when the job ends."""
-    run = f"runs/{shlex.quote(run_id)}"
+    run = f"{RUNS}/{shlex.quote(run_id)}"
     k = t.index
-    pid_opt = f'--pid="$(cat {run}/worker-{k}.pid)"' if until_exit else ""
-    return t.stream(f"cd {t.repo} && exec tail -n +{from_line} -F {pid_opt} {run}/logs/worker-{k}.log 2>/dev/null",
+    pid_opt = f'--pid="$(cat {run}/{worker_file(k, "pid")})"' if until_exit else ""
+    return t.stream(f"cd {t.repo} && exec tail -n +{from_line} -F {pid_opt} {run}/{worker_log(k)} 2>/dev/null",
                     on_line)
 
 
 def exit_code(t: Target, run_id: str) -> int | None:
-    code, out = t.sh(f"cat {t.repo}/runs/{shlex.quote(run_id)}/worker-{t.index}.exit 2>/dev/null")
+    code, out = t.sh(f"cat {t.repo}/{RUNS}/{shlex.quote(run_id)}/{worker_file(t.index, 'exit')} 2>/dev/null")
     return int(out.strip()) if code == 0 and out.strip().lstrip("-").isdigit() else None
 
 
 def stop(t: Target, run_id: str, grace: float = STOP_GRACE_SEC) -> str:
     """TERM the job (the trainer checkpoints and exits), then KILL its whole session after
     `grace` seconds; the exit file is written either way."""
-    run = f"runs/{shlex.quote(run_id)}"
+    run = f"{RUNS}/{shlex.quote(run_id)}"
     k = t.index
     out = _checked(t, f"""cd {t.repo}
-pidf={run}/worker-{k}.pid
+pidf={run}/{worker_file(k, "pid")}
 [ -f $pidf ] || {{ echo "no job"; exit 0; }}
 pid=$(cat $pidf)
 kill -0 $pid 2>/dev/null || {{ echo "not running"; exit 0; }}
@@ -218,20 +220,17 @@ i=0
 while kill -0 $pid 2>/dev/null && [ $i -lt {int(grace * 10)} ]; do sleep 0.1; i=$((i+1)); done
 if kill -0 $pid 2>/dev/null; then
   kill -KILL -$pid 2>/dev/null; kill -KILL $pid 2>/dev/null
-  [ -f {run}/worker-{k}.exit ] || echo 137 > {run}/worker-{k}.exit
+  [ -f {run}/{worker_file(k, "exit")} ] || echo {contracts.EXIT_KILLED} > {run}/{worker_file(k, "exit")}
   echo killed
 else
-  echo "stopped (exit $(cat {run}/worker-{k}.exit 2>/dev/null))"
+  echo "stopped (exit $(cat {run}/{worker_file(k, "exit")} 2>/dev/null))"
 fi""", "stopping the job")
     return out.strip().splitlines()[-1]
 
 
 def latest_run(t: Target) -> str:
-    code, out = t.sh(f"readlink {t.repo}/runs/latest")
+    code, out = t.sh(f"readlink {t.repo}/{RUNS}/{contracts.LATEST}")
     if code or not out.strip():
-        raise LauncherError(f"{t.label}: no runs yet (runs/latest is missing); launch one first")
+        raise LauncherError(f"{t.label}: no runs yet ({RUNS}/{contracts.LATEST} is missing); launch one first")
     return out.strip()
 
-
-def new_run_id(recipe: str, sha: str) -> str:
-    return f"{recipe}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{sha[:7]}"

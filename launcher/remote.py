@@ -18,11 +18,8 @@ from dotenv import dotenv_values
 
 from launcher import ssh
 from launcher.errors import LauncherError
-from launcher.sync import DEFAULT_REMOTE_DIR
+from mllm_jax.contracts import DEFAULT_VENV, INSTALL_RECORD, PYTHON_RECORD, REMOTE_REPO
 
-# Where the chosen interpreter is recorded on each worker by `mllm bootstrap`.
-PYTHON_RECORD = "~/.mllm/python"
-DEFAULT_VENV = "/root/mllm-venv"
 DISTRIBUTION = "mllm-jax"  # this project on PyPI terms: its requirements are the workers' pins
 
 
@@ -127,9 +124,6 @@ def installed_version(name: str) -> str | None:
 
 # -- bootstrap ----------------------------------------------------------------------------------
 
-INSTALL_RECORD = "mllm-install.json"  # in the venv; written by worker_bootstrap.py
-
-
 @dataclass
 class InstallOptions:
     """What the user chose for a worker's environment; recorded there so `mllm launch` can bring
@@ -167,7 +161,7 @@ def laptop_pins(jax_version: str | None) -> list[str]:
     return [f"{name}=={version}" for name, version in sorted(pins.items())]
 
 
-def install_plan(options: InstallOptions, repo_dir: str = DEFAULT_REMOTE_DIR) -> dict:
+def install_plan(options: InstallOptions, repo_dir: str = REMOTE_REPO) -> dict:
     """The JSON plan `worker_bootstrap.py` executes on each worker."""
     uv_version = installed_version("uv")
     if uv_version is None:
@@ -175,7 +169,7 @@ def install_plan(options: InstallOptions, repo_dir: str = DEFAULT_REMOTE_DIR) ->
     return {"repo": repo_dir, "venv": options.venv, "pins": laptop_pins(options.jax_version),
             "python_version": options.python_version or f"{sys.version_info[0]}.{sys.version_info[1]}",
             "find_links": options.find_links, "offline": options.offline, "index_url": options.index_url,
-            "uv_version": uv_version, "options": asdict(options)}
+            "uv_version": uv_version, "record": INSTALL_RECORD, "options": asdict(options)}
 
 
 def run_bootstrap(conns: ssh.Connections, w: ssh.Worker, plan: dict) -> dict:

@@ -11,8 +11,9 @@ from typing import Any
 from launcher import state
 from launcher.errors import LauncherError
 from launcher.jobs import Target
+from mllm_jax.contracts import CONFIG_FILE, METRICS_FILE, RUNS_DIR, SUMMARY_FILE
 
-FETCHED = ("run_summary.json", "config_resolved.yaml", "metrics.jsonl")
+FETCHED = (SUMMARY_FILE, CONFIG_FILE, METRICS_FILE)
 
 
 def fetch(t: Target, run_id: str, dest: Path) -> dict[str, Any]:
@@ -20,13 +21,13 @@ def fetch(t: Target, run_id: str, dest: Path) -> dict[str, Any]:
     out_dir = dest / run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in FETCHED:
-        code, text = t.sh(f"cat {t.repo}/runs/{shlex.quote(run_id)}/{name}")
+        code, text = t.sh(f"cat {t.repo}/{RUNS_DIR}/{shlex.quote(run_id)}/{name}")
         if code:
-            if name == "run_summary.json":
-                raise LauncherError(f"{t.label}: runs/{run_id}/run_summary.json not found (is the run still starting?)")
+            if name == SUMMARY_FILE:
+                raise LauncherError(f"{t.label}: {RUNS_DIR}/{run_id}/{SUMMARY_FILE} not found (is the run still starting?)")
             continue
         (out_dir / name).write_text(text + ("\n" if text and not text.endswith("\n") else ""))
-    return json.loads((out_dir / "run_summary.json").read_text())
+    return json.loads((out_dir / SUMMARY_FILE).read_text())
 
 
 def _index_path() -> Path:

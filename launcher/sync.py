@@ -31,8 +31,8 @@ import paramiko
 from launcher import ssh
 from launcher.errors import LauncherError
 from launcher.ssh import Connections, Worker
+from mllm_jax.contracts import REMOTE_REPO
 
-DEFAULT_REMOTE_DIR = "~/mllm-jax"
 SYNCED_REF = "refs/mllm/synced"  # on the worker: the commit it last received
 # Local and temporary: `git bundle` needs a ref to name the commit it carries. The pid keeps two
 # mllm processes on one repo apart; _REF_LOCK keeps threads of this one apart.
@@ -173,12 +173,12 @@ def remote_dir_word(remote_dir: str) -> str:
     """`remote_dir` as one shell word. A leading `~` becomes "$HOME": quoted, `~` would not be
     expanded by the remote shell, and unquoted, the rest of the path could be."""
     if not remote_dir or any(not c.isprintable() for c in remote_dir):
-        raise LauncherError(f"--remote-dir {remote_dir!r}: expected a printable path such as {DEFAULT_REMOTE_DIR}")
+        raise LauncherError(f"remote dir {remote_dir!r}: expected a printable path such as {REMOTE_REPO}")
     if remote_dir == "~" or remote_dir.startswith("~/"):
         rest = remote_dir[2:]
         return '"$HOME"' + (f"/{shlex.quote(rest)}" if rest else "")
     if remote_dir.startswith("~"):
-        raise LauncherError(f"--remote-dir {remote_dir}: only ~ and ~/... are expanded (the SSH user's home)")
+        raise LauncherError(f"remote dir {remote_dir}: only ~ and ~/... are expanded (the SSH user's home)")
     return shlex.quote(remote_dir)
 
 
@@ -276,7 +276,7 @@ def _sync_named(conns: Connections, w: Worker, repo: Path, sha: str, remote_dir:
         raise LauncherError(f"worker {w.index} ({w.host}): sync failed: {type(e).__name__}: {e}") from None
 
 
-def sync_worker(conns: Connections, w: Worker, repo: Path, sha: str, remote_dir: str = DEFAULT_REMOTE_DIR) -> SyncResult:
+def sync_worker(conns: Connections, w: Worker, repo: Path, sha: str, remote_dir: str = REMOTE_REPO) -> SyncResult:
     """Make `remote_dir` on one worker hold exactly commit `sha` of the local repo at `repo`."""
     bundles = _Bundles(Path(repo))
     try:
@@ -286,7 +286,7 @@ def sync_worker(conns: Connections, w: Worker, repo: Path, sha: str, remote_dir:
 
 
 def sync_all(conns: Connections, workers: list[Worker], repo: Path, sha: str,
-             remote_dir: str = DEFAULT_REMOTE_DIR) -> list[SyncResult]:
+             remote_dir: str = REMOTE_REPO) -> list[SyncResult]:
     """sync_worker on every worker in parallel (bundles shared), then insist that all of them ended
     at `sha`: a slice whose workers run different code fails in confusing ways much later."""
     bundles = _Bundles(Path(repo))

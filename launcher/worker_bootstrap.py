@@ -6,7 +6,7 @@ uv creates the venv and installs, so none of those are needed; uv itself comes f
 (`~/.mllm/bin/uv` or PATH) at the laptop's version, else from the wheel in `--find-links` or on
 the package index (PyPI by default), sha256-checked where the index gives the hash.
 
-What was installed is recorded in `<venv>/mllm-install.json`: a hash of pyproject.toml plus the
+What was installed is recorded in `<venv>/mllm-install.json` (the plan's `record`): a hash of pyproject.toml plus the
 install spec (python, pins, target), and the options used. Same hash and every pin installed as
 pinned = nothing to do (the answer is `up-to-date`, in well under a second). The last stdout line is
 `MLLM_BOOTSTRAP {json}`; before it, each command run (`+ argv`) and anything uv has to say
@@ -30,7 +30,6 @@ import urllib.parse
 import urllib.request
 import zipfile
 
-RECORD = "mllm-install.json"
 UV_HOME = os.path.expanduser("~/.mllm/bin")
 
 
@@ -48,7 +47,8 @@ def main(plan: dict) -> dict:
     spec = {"target": repo + ("[tpu]" if tpu else ""), "python_version": plan["python_version"], "pins": plan["pins"]}
     pyproject_sha = hashlib.sha256(pyproject).hexdigest()
     digest = hashlib.sha256((pyproject_sha + json.dumps(spec, sort_keys=True)).encode()).hexdigest()
-    record = _read_json(os.path.join(venv, RECORD))
+    record_path = os.path.join(venv, plan["record"])  # mllm_jax.contracts.INSTALL_RECORD
+    record = _read_json(record_path)
     drift = _drift(python, plan["pins"]) if record.get("hash") == digest and os.access(python, os.X_OK) else None
     if drift == []:
         return {"state": "up-to-date", "python": python, "tpu": tpu, "seconds": time.monotonic() - started}
@@ -72,10 +72,9 @@ def main(plan: dict) -> dict:
                         "[importlib.import_module(m) for m in RECIPES.values()]"], cwd=repo)
     record = {"hash": digest, "pyproject_sha256": pyproject_sha, "spec": spec, "options": plan["options"],
               "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = os.path.join(venv, RECORD + ".tmp")
-    with open(tmp, "w") as f:
+    with open(record_path + ".tmp", "w") as f:
         json.dump(record, f, indent=2)
-    os.replace(tmp, os.path.join(venv, RECORD))
+    os.replace(record_path + ".tmp", record_path)
     return {"state": "installed", "reason": reason, "python": python, "tpu": tpu, "uv": uv,
             "seconds": time.monotonic() - started}
 

@@ -17,14 +17,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mllm_jax.config import ConfigError
+from mllm_jax.contracts import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
 MESH_AXES = ("dp", "fsdp", "tp")
 # The axes a batch is split over: every data-parallel replica gets its own rows.
 BATCH_AXES = ("dp", "fsdp")
 
-ENV_COORDINATOR = "MLLM_COORDINATOR_ADDRESS"
-ENV_NUM_PROCESSES = "MLLM_NUM_PROCESSES"
-ENV_PROCESS_ID = "MLLM_PROCESS_ID"
 
 
 @dataclass
@@ -175,14 +173,15 @@ def check_batch(global_batch_size: int, mesh: Mesh, key: str = "train.global_bat
         )
 
 
-def utc_stamp() -> str:
-    """One UTC timestamp for the run, agreed by every process (process 0 decides)."""
+def agreed_time() -> int:
+    """One time for the run, in seconds, agreed by every process (process 0 decides), so that all
+    of them name the same run dir."""
     now = np.int64(time.time())
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         now = multihost_utils.broadcast_one_to_all(now)
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(int(now)))
+    return int(now)
 
 
 # Dense bf16 peak FLOP/s per chip, for MFU. CPUs have no datasheet number: we measure one.

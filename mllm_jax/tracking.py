@@ -17,6 +17,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from mllm_jax.config import ConfigError
+from mllm_jax.contracts import METRICS_FILE
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Tracker:
     def __init__(self, run_dir: Path, cfg: WandbConfig, config: dict[str, Any], active: bool,
                  resume_step: int | None = None):
         self.active = active
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self.history: list[dict[str, Any]] = []
         self.run = None
         self.cfg = cfg

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 from mllm_jax import config as config_lib
 from mllm_jax.config import ConfigError
+from mllm_jax.contracts import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
 from mllm_jax.recipes import RECIPES
 
 
 def train(recipe: str, config: str | None = None, overrides: list[str] = (), resume: bool = False,
           print_config: bool = False, env_file: str | None = None) -> int:
-    """Run one recipe; returns the process exit code (0 done, 128+signal if stopped).
+    """Run one recipe; returns the process exit code (contracts: EXIT_OK done, EXIT_STOPPED stopped).
     Raises ConfigError for bad input, before any compute where it can be known then."""
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
@@ -29,7 +29,7 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
     cfg = config_lib.load_config(module.Config, config, list(overrides))
     if print_config:
         print(config_lib.to_yaml(cfg), end="")
-        return 0
+        return EXIT_OK
     env_path = env_file or (".env" if Path(".env").is_file() else None)
     if env_path:
         from mllm_jax.envfile import load_env_file
@@ -57,8 +57,8 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
     info = trainer.RunInfo(recipe=recipe, run_dir=run_dir, config=cfg, config_path=config, mesh=mesh, resume=resume)
     result = trainer.run(info, make_task)
     if result["status"] == "stopped":
-        return 128 + signal.SIGTERM
-    return 0
+        return EXIT_STOPPED
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +93,6 @@ def run_cli(fn: Callable[[], int]) -> int:
         return fn()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from mllm_jax import config as config_lib
-from mllm_jax import runtime, summary
+from mllm_jax import contracts, runtime, summary
 from mllm_jax.checkpoint import Checkpointer
 from mllm_jax.config import ConfigError
 from mllm_jax.tracking import Console, Tracker, format_eta
@@ -91,12 +91,14 @@ def resolve_run_dir(recipe: str, output_dir: str | None, resume: bool) -> Path:
     if output_dir:
         return Path(output_dir)
     if resume:
-        candidates = sorted(p for p in Path("runs").glob(f"{recipe}-*") if (p / "checkpoints").is_dir())
+        runs = Path(contracts.RUNS_DIR)
+        candidates = sorted(p for p in runs.glob(f"{recipe}-*") if (p / contracts.CHECKPOINTS_DIR).is_dir())
         if not candidates:
-            raise ConfigError(f"--resume: no runs/{recipe}-*/checkpoints found; pass --set output_dir=RUN_DIR")
+            raise ConfigError(f"--resume: no {runs}/{recipe}-*/{contracts.CHECKPOINTS_DIR} found; "
+                              "pass --set output_dir=RUN_DIR")
         return candidates[-1]
-    sha = (summary.git_info()["commit"] or "nogit")[:7]
-    return Path("runs") / f"{recipe}-{runtime.utc_stamp()}-{sha}"
+    sha = summary.git_info()["commit"] or "nogit"
+    return Path(contracts.RUNS_DIR) / contracts.run_id(recipe, sha, runtime.agreed_time())
 
 
 class _StopFlag:
@@ -145,9 +147,9 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> dict[str, Any]:
     }
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config_resolved.yaml").write_text(config_lib.to_yaml(cfg))
+        (run_dir / contracts.CONFIG_FILE).write_text(config_lib.to_yaml(cfg))
         _point_latest(run_dir)
-    checkpointer = Checkpointer(cfg.train.checkpoint_dir or str(run_dir / "checkpoints"), cfg.train.checkpoint_every,
+    checkpointer = Checkpointer(cfg.train.checkpoint_dir or str(run_dir / contracts.CHECKPOINTS_DIR), cfg.train.checkpoint_every,
                                 cfg.train.keep_checkpoints)
     resume_step = checkpointer.latest_step() if info.resume else None
     if info.resume and resume_step is None:
@@ -187,7 +189,7 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> dict[str, Any]:
         )
         tracker.finish(exit_code=0 if result["status"] == "completed" else 1)
         if main:
-            (run_dir / "run_summary.json").write_text(json.dumps(result, indent=2) + "\n")
+            (run_dir / contracts.SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -283,7 +285,7 @@ def _log_line(step: int, total: int, v: dict[str, float], sec_per_step: float) -
 
 def _point_latest(run_dir: Path) -> None:
     """<parent>/latest -> the newest run dir, for humans and for `mllm` commands."""
-    link = run_dir.parent / "latest"
+    link = run_dir.parent / contracts.LATEST
     tmp = run_dir.parent / f".latest-{run_dir.name}"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(run_dir.name)
