@@ -24,9 +24,10 @@ import pytest
 
 from conftest import (INDUSTRIAL_INDEX, INDUSTRIAL_ITEMS, INDUSTRIAL_TEST, INDUSTRIAL_VALID, REPO, SFT_SMOKE,
                       launcher_env, mllm)
-from harness.tpu_api import FakeTpuApi
+from harness.tpu_slice import ZONE, Slice
 from launcher import remote
-from test_launcher_ssh import ZONE, Slice
+
+pytestmark = pytest.mark.e2e  # real sshd workers
 
 UV = str(Path(sys.executable).with_name("uv"))
 VENV = "/root/mllm-venv"
@@ -82,9 +83,7 @@ def sft_sets(bucket: Path) -> list[str]:
 
 
 def test_queued_vm_bootstraps_from_pyproject_and_runs_sft(tmp_path, hosts, repo, bucket, uv_cache):
-    s = Slice(hosts)
-    s.api = FakeTpuApi(s.hosts_for_node, on_create=s.authorize, op_delay=0.1, qr_wait=1.5)
-    with s.api as api:
+    with Slice(hosts, qr_wait=1.5).api as api:
         env = launcher_env(tmp_path, api.endpoint)
         run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=600)  # noqa: E731
 

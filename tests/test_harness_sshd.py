@@ -27,6 +27,8 @@ import pytest
 from harness.sshd import (PRIVATE_DIRS, ClientKey, SshCluster, SshdStartError, SshHost, interpreter_paths,
                           make_client_key, start_cluster)
 
+pytestmark = pytest.mark.e2e  # real sshd workers
+
 
 @pytest.fixture(scope="module")
 def client_key(tmp_path_factory: pytest.TempPathFactory) -> ClientKey:

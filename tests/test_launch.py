@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import MLLM, REPO, SHAKESPEARE, launcher_env, mllm
-from test_launcher_ssh import ZONE, Slice
+from harness.tpu_slice import ZONE, Slice
+
+pytestmark = pytest.mark.e2e  # real sshd workers
 
 # A config path and a branch name that a careless shell would execute.
 WEIRD_CONFIG = "configs/it's a $(touch pwned-config) test.yaml"

@@ -7,34 +7,13 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from conftest import launcher_env, mllm
-from harness.sshd import SshCluster
 from harness.tpu_api import FakeTpuApi
+from harness.tpu_slice import ZONE, Slice
 
-ZONE = "us-east1-d"
-
-
-class Slice:
-    """A local Cloud TPU API whose v6e-N nodes get N/8 workers from a pool of sshd hosts."""
-
-    def __init__(self, hosts: SshCluster, publish_keys: bool = True):
-        self.hosts = hosts
-        self.publish_keys = publish_keys
-        self.api = FakeTpuApi(self.hosts_for_node, on_create=self.authorize, op_delay=0.1)
-
-    def hosts_for_node(self, node_id: str, accelerator_type: str) -> list[dict]:
-        count = min(len(self.hosts), max(1, int(accelerator_type.split("-")[1]) // 8))
-        return [{"ip": h.ip, "host_keys": {h.host_key_type: h.host_public_key_line} if self.publish_keys else {}}
-                for h in self.hosts.hosts[:count]]
-
-    def authorize(self, node: dict) -> None:
-        """What the guest agent does: the node's `ssh-keys` metadata into authorized_keys."""
-        user, key = node["metadata"]["ssh-keys"].split(":", 1)
-        assert user == "root"
-        ips = {ep["ipAddress"] for ep in node["networkEndpoints"]}
-        for h in self.hosts:
-            if h.ip in ips:
-                h.authorize(key)
+pytestmark = pytest.mark.e2e  # real sshd workers
 
 
 def test_two_worker_lifecycle(tmp_path, hosts):

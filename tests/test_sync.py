@@ -16,6 +16,8 @@ from launcher import ssh
 from launcher.errors import LauncherError
 from launcher.sync import SNAPSHOT_MESSAGE, resolve_commit, sync_all, sync_worker
 
+pytestmark = pytest.mark.e2e  # real sshd workers
+
 
 @pytest.fixture(scope="module")
 def cluster():

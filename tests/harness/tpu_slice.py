@@ -1,0 +1,39 @@
+"""A TPU slice for end-to-end tests: the local Cloud TPU API (tpu_api.py) whose v6e-N nodes get
+N/8 workers from a pool of real sshd hosts (sshd.py), as a VM's workers would be.
+
+Why here: every SSH end-to-end test needs the same wiring (workers per accelerator type, the
+guest agent's part of putting the node's `ssh-keys` metadata into each worker's authorized_keys).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.sshd import SshCluster
+from harness.tpu_api import FakeTpuApi
+
+ZONE = "us-east1-d"
+
+
+class Slice:
+    """`Slice(hosts).api` is a FakeTpuApi (not started) over `hosts`; `api_kwargs` go to it
+    (e.g. `qr_wait=1.5`), with operations of 0.1 s by default."""
+
+    def __init__(self, hosts: SshCluster, publish_keys: bool = True, **api_kwargs: Any):
+        self.hosts = hosts
+        self.publish_keys = publish_keys
+        self.api = FakeTpuApi(self.hosts_for_node, on_create=self.authorize, **{"op_delay": 0.1, **api_kwargs})
+
+    def hosts_for_node(self, node_id: str, accelerator_type: str) -> list[dict]:
+        count = min(len(self.hosts), max(1, int(accelerator_type.split("-")[1]) // 8))
+        return [{"ip": h.ip, "host_keys": {h.host_key_type: h.host_public_key_line} if self.publish_keys else {}}
+                for h in self.hosts.hosts[:count]]
+
+    def authorize(self, node: dict) -> None:
+        """What the guest agent does: the node's `ssh-keys` metadata into authorized_keys."""
+        user, key = node["metadata"]["ssh-keys"].split(":", 1)
+        assert user == "root"
+        ips = {ep["ipAddress"] for ep in node["networkEndpoints"]}
+        for h in self.hosts:
+            if h.ip in ips:
+                h.authorize(key)
