@@ -50,22 +50,14 @@ def main(
     """mllm: provision TPU VMs, sync code, launch and follow training runs."""
 
 
-@app.command()
-def train(
-    recipe: str = typer.Argument(..., help="Recipe to train, e.g. nanogpt."),
-    config: Optional[str] = typer.Option(None, "--config", help="YAML config file."),
-    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config key (repeatable)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the run dir."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    env_file: Optional[str] = typer.Option(None, "--env-file", help="KEY=VALUE file to load (default: ./.env if present)."),
-    run_mode: Optional[str] = typer.Option(None, "--run-mode", help="sft: train, eval or train_eval (= --set run_mode=...)."),
-) -> None:
-    """Train RECIPE in this process, exactly as `python -m mllm_jax train` does on a VM."""
-    from mllm_jax.train import run_cli, train as run_train
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+             add_help_option=False)
+def train(ctx: typer.Context) -> None:
+    """Train in this process, exactly as `python -m mllm_jax train` on a VM (same arguments:
+    RECIPE --config ... --set ... --resume ...; `mllm train --help` lists them)."""
+    from mllm_jax.train import main as trainer_main
 
-    overrides = overrides + ([f"run_mode={run_mode}"] if run_mode else [])
-    code = run_cli(lambda: run_train(recipe, config, overrides, resume, print_config, env_file))
-    raise typer.Exit(code)
+    raise typer.Exit(trainer_main(["train", *ctx.args]))
 
 
 VmOpt = typer.Option(None, "--vm", help="TPU VM name (default: the last one used, or $MLLM_VM).")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 
-from conftest import SMOKE, losses, read_metrics, run_trainer, trainer_cmd, trainer_env
+from conftest import MLLM, SMOKE, losses, read_metrics, run_trainer, trainer_cmd, trainer_env
 
 SUMMARY_KEYS = {
     "status", "recipe", "run_dir", "config_path", "config_hash", "git", "versions", "backend", "device_kind",
@@ -151,3 +151,17 @@ def test_failed_run_still_writes_summary_with_the_error(tmp_path):
     summary = json.loads((tmp_path / "failed" / "run_summary.json").read_text())
     assert summary["status"] == "failed" and "the val split has 5 characters" in summary["error"]
     assert summary["git"] and summary["versions"]["jax"] and summary["wall_time_sec"] >= 0
+
+
+def test_mllm_train_is_the_trainers_own_command_line(tmp_path):
+    """`mllm train` hands its arguments to `python -m mllm_jax train`'s one parser."""
+    run = lambda *a: subprocess.run([MLLM, "train", *a], cwd=tmp_path, env=trainer_env(),  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    printed = run("nanogpt", "--config", str(SMOKE), "--set", "train.max_steps=7", "--print-config")
+    assert printed.returncode == 0 and "max_steps: 7" in printed.stdout, printed.stderr
+    helped = run("--help")
+    assert helped.returncode == 0 and "--run-mode" in helped.stdout and "--print-config" in helped.stdout
+    bad = run("nope")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown recipe 'nope'; expected one of nanogpt, sft"
+    missing = run()
+    assert missing.returncode == 2 and "the following arguments are required: recipe" in missing.stderr
