@@ -154,6 +154,11 @@ def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+# Where a run writes, not how it trains: left out of the hash, so equal settings share one.
+PER_RUN_KEYS = ("output_dir",)
+
+
 def config_hash(cfg: Any) -> str:
-    """Short stable hash of the resolved config, to tell runs with equal settings apart."""
-    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+    """Short stable hash of the resolved settings, to tell runs with equal settings apart."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in PER_RUN_KEYS}
+    return hashlib.sha256(yaml.safe_dump(settings, sort_keys=False).encode()).hexdigest()[:16]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO, SMOKE, run_trainer
-from mllm_jax.config import ConfigError, load_config, to_yaml
+from mllm_jax.config import ConfigError, config_hash, load_config, to_yaml
 from mllm_jax.recipes.nanogpt import Config
 
 
@@ -56,6 +56,13 @@ def test_base_file_is_merged_under_the_child(tmp_path):
     child = write(tmp_path / "child.yaml", "base: base.yaml\ntrain:\n  max_steps: 50\n")
     cfg = load_config(Config, child)
     assert (cfg.train.max_steps, cfg.train.eval_every, cfg.model.n_layer) == (50, 10, 6)
+
+
+def test_config_hash_covers_settings_not_the_run_dir():
+    a = load_config(Config, str(SMOKE), ["output_dir=runs/a"])
+    b = load_config(Config, str(SMOKE), ["output_dir=runs/b"])
+    c = load_config(Config, str(SMOKE), ["output_dir=runs/a", "train.learning_rate=0.5"])
+    assert config_hash(a) == config_hash(b) != config_hash(c)
 
 
 def test_shipped_configs_load():
