@@ -7,6 +7,7 @@ never JAX.
 from __future__ import annotations
 
 import time
+from typing import Any, Literal, TypedDict
 
 # -- environment set by the launcher for a multi-process run -------------------------------------
 ENV_COORDINATOR = "MLLM_COORDINATOR_ADDRESS"
@@ -64,3 +65,76 @@ EXIT_KILLED = 137
 """`mllm stop` had to KILL the job (128 + SIGKILL)."""
 STOP_GRACE_SEC = 60
 """`mllm stop`: seconds between TERM (the trainer checkpoints) and KILL."""
+
+
+# -- run_summary.json --------------------------------------------------------------------------------
+class _SummaryAlways(TypedDict):
+    """Keys every run_summary.json has, whatever ended the run."""
+
+    status: Literal["running", "completed", "stopped", "failed"]
+    recipe: str
+    run_dir: str
+    config_path: str | None
+    config_hash: str
+    """Of the settings only (not output_dir): equal settings, equal hash."""
+    git: dict[str, Any]
+    """`commit`, `dirty` of the code that ran."""
+    versions: dict[str, str | None]
+    """python, jax, jaxlib, flax, optax, orbax-checkpoint, wandb."""
+    backend: str
+    device_kind: str
+    device_count: int
+    local_device_count: int
+    process_count: int
+    mesh: dict[str, int]
+    started_at: str
+    finished_at: str
+    wall_time_sec: float
+    eval_losses: list[dict[str, float]]
+    """`[{step, loss}]`."""
+    best_eval_loss: dict[str, float] | None
+    checkpoint_dir: str
+    latest_checkpoint_step: int | None
+    wandb: dict[str, Any]
+    """`{mode, url}` online, `{mode, dir, sync_command}` offline, `{mode}` disabled."""
+
+
+class RunSummary(_SummaryAlways, total=False):
+    """run_summary.json, written by process 0 at the end (also on failure or stop): the trainer
+    fills it, the launcher reads it, docs/contracts.md points here. A recipe adds its own keys
+    beside these (`NanoGPTSummary`, `SftSummary`)."""
+
+    error: str
+    traceback: str
+    final_step: int
+    final_train_loss: float
+    last_eval_step: int | None
+    tokens_per_sec: float
+    """Tokens computed on (padding included), the compiling first step excluded."""
+    step_time_sec: float
+    mfu: float
+    step_time_stats: dict[str, float]
+    """`timed_steps`, `intervals`, `mean`, `median`, `min`, `max` seconds per step."""
+    eval_metrics: dict[str, float]
+    """The latest evaluation: `eval/loss`, and for sft `eval/hr@K`, `eval/ndcg@K`, ..."""
+
+
+class NanoGPTSummary(TypedDict, total=False):
+    num_params: int
+    vocab_size: int
+    sample: str
+
+
+class SftSummary(TypedDict, total=False):
+    base_model: str
+    num_params: int
+    token_extension: dict[str, Any]
+    run_mode: str
+    train_examples: int
+    test_prompts: int
+    eval_examples: int
+    seq_len: int
+    effective_batch: dict[str, int]
+    steps_per_epoch: int
+    max_steps: int
+    hf_export_dir: str

@@ -13,7 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, cast
 
 import jax
 import numpy as np
@@ -128,13 +128,13 @@ class _StopFlag:
         return bool(np.any(flags))
 
 
-def run(info: RunInfo, make_task: Callable[[], Task]) -> dict[str, Any]:
+def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
     """Train `make_task()` as configured in `info`; returns the run summary (also written to
     <run dir>/run_summary.json by process 0, on success and on failure)."""
     cfg, run_dir = info.config, info.run_dir
     main = jax.process_index() == 0
     started = time.time()
-    result: dict[str, Any] = {
+    result: dict[str, Any] = {  # filled to a contracts.RunSummary as the run goes
         "status": "running",
         "recipe": info.recipe,
         "run_dir": str(run_dir.absolute()),
@@ -190,7 +190,7 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> dict[str, Any]:
         tracker.finish(exit_code=0 if result["status"] == "completed" else 1)
         if main:
             (run_dir / contracts.SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return cast(contracts.RunSummary, result)
 
 
 def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Console,

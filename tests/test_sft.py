@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import INDUSTRIAL_VALID, losses, read_metrics, run_hosts, run_trainer, sft_args, trainer_env
+from mllm_jax.contracts import RunSummary, SftSummary
 
 
 def run_sft(model_dir: Path, tmp_path: Path, name: str, *sets: str, devices: int = 1):
@@ -23,6 +24,8 @@ def test_smoke_config_trains_on_real_data_and_exports(tiny_qwen2, tmp_path):
     assert out.returncode == 0, out.stderr
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["status"] == "completed" and summary["final_step"] == 60
+    declared = RunSummary.__annotations__.keys() | SftSummary.__annotations__.keys()
+    assert RunSummary.__required_keys__ <= summary.keys() <= declared, summary.keys() ^ declared
     train = losses(run_dir)
     assert train[60] < train[10] - 0.5, f"the loss must fall on real data: {train}"
     evals = [e["loss"] for e in summary["eval_losses"]]

@@ -10,13 +10,8 @@ from pathlib import Path
 
 
 from conftest import MLLM, SMOKE, losses, read_metrics, run_trainer, trainer_cmd, trainer_env
+from mllm_jax.contracts import NanoGPTSummary, RunSummary
 
-SUMMARY_KEYS = {
-    "status", "recipe", "run_dir", "config_path", "config_hash", "git", "versions", "backend", "device_kind",
-    "device_count", "local_device_count", "process_count", "mesh", "final_step", "final_train_loss",
-    "eval_losses", "best_eval_loss", "tokens_per_sec", "step_time_sec", "mfu", "wall_time_sec",
-    "checkpoint_dir", "latest_checkpoint_step", "wandb", "started_at", "finished_at",
-}
 
 
 def test_smoke_run_writes_summary_metrics_and_checkpoints(tmp_path, shakespeare):
@@ -25,7 +20,11 @@ def test_smoke_run_writes_summary_metrics_and_checkpoints(tmp_path, shakespeare)
     run_dir = (tmp_path / "runs" / "latest").resolve()
     assert run_dir.name.startswith("nanogpt-") and run_dir.parent == tmp_path / "runs"
     summary = json.loads((run_dir / "run_summary.json").read_text())
-    assert SUMMARY_KEYS <= summary.keys(), SUMMARY_KEYS - summary.keys()
+    # The summary is exactly the typed contract: every key it always has, nothing undeclared.
+    assert RunSummary.__required_keys__ <= summary.keys(), RunSummary.__required_keys__ - summary.keys()
+    declared = RunSummary.__annotations__.keys() | NanoGPTSummary.__annotations__.keys()
+    assert summary.keys() <= declared, summary.keys() - declared
+    assert {"final_step", "final_train_loss", "tokens_per_sec", "step_time_sec", "mfu"} <= summary.keys()
     assert summary["status"] == "completed" and summary["final_step"] == 40
     assert set(summary["versions"]) >= {"python", "jax", "jaxlib", "flax", "optax", "wandb"}
     assert all(summary["versions"][k] for k in ("python", "jax", "jaxlib", "flax", "optax", "wandb"))

@@ -16,6 +16,7 @@ import optax
 
 from mllm_jax import optim, runtime
 from mllm_jax.config import ConfigError
+from mllm_jax.contracts import NanoGPTSummary
 from mllm_jax.data.char import CharDataConfig, CharDataset
 from mllm_jax.models.gpt import GPT, GPTConfig, flops_per_token, num_params
 from mllm_jax.runtime import JaxConfig
@@ -139,8 +140,8 @@ class NanoGPTTask:
         losses = [self._eval_loss(state["params"], batch) for batch in self.eval_batches]
         return {"eval/loss": float(np.mean(jax.device_get(losses)))}
 
-    def finish(self, state: dict[str, Any], console: Console) -> dict[str, Any]:
-        out: dict[str, Any] = {"num_params": num_params(state["params"]), "vocab_size": self.data.vocab_size}
+    def finish(self, state: dict[str, Any], console: Console) -> NanoGPTSummary:
+        out: NanoGPTSummary = {"num_params": num_params(state["params"]), "vocab_size": self.data.vocab_size}
         s = self.cfg.sample
         if s.max_new_tokens:
             prompt = self.data.encode(s.prompt) or [0]

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mllm_jax import optim, runtime
 from mllm_jax.checkpoint import Checkpointer
 from mllm_jax.config import ConfigError
+from mllm_jax.contracts import SftSummary
 from mllm_jax.data import sid
 from mllm_jax.eval.beam_search import BeamSearch, left_pad
 from mllm_jax.eval.metrics import ranking_metrics, write_eval_files
@@ -289,9 +290,9 @@ class SFTTask:
             write_eval_files(Path(self.cfg.output_dir), predictions, targets, result, step)
         return {f"eval/{k}": float(v) for k, v in result.items()}
 
-    def finish(self, state: dict[str, Any], console: Console) -> dict[str, Any]:
+    def finish(self, state: dict[str, Any], console: Console) -> SftSummary:
         t = self.cfg.train
-        out: dict[str, Any] = {
+        out: SftSummary = {
             "base_model": self.cfg.base_model,
             "num_params": qwen2.num_params(state["params"]),
             "token_extension": self.prep.token_extension | {"padded_vocab_size": self.model_cfg.padded_vocab_size},
