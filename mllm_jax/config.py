@@ -13,7 +13,7 @@ import hashlib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -23,6 +23,30 @@ class ConfigError(ValueError):
 
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A lower bound declared on a field, `Annotated[int, Positive]`: checked when the config is
+    built, and the error names the full dotted key."""
+
+    low: float
+    inclusive: bool
+
+    def check(self, value: Any, key: str) -> None:
+        if value < self.low or (value == self.low and not self.inclusive):
+            what = "an integer" if isinstance(value, int) else "a number"
+            want = (f"a positive {what.split()[-1]}" if self.low == 0 and not self.inclusive
+                    else f"{what} {'>=' if self.inclusive else '>'} {self.low:g}")
+            raise ConfigError(f"{key}: expected {want}, got {value!r}")
+
+
+Positive = Bound(0, inclusive=False)
+NonNegative = Bound(0, inclusive=True)
+PositiveInt = Annotated[int, Positive]
+NonNegativeInt = Annotated[int, NonNegative]
+PositiveFloat = Annotated[float, Positive]
+NonNegativeFloat = Annotated[float, NonNegative]
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
@@ -74,7 +98,7 @@ def _assign(raw: dict[str, Any], keys: list[str], value: Any) -> None:
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in raw:
         if key not in names:
@@ -96,6 +120,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *meta = typing.get_args(tp)
+        value = _coerce(base, value, key)
+        for bound in meta:
+            if isinstance(bound, Bound):
+                bound.check(value, key)
+        return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
     if origin in (Union, types.UnionType):

@@ -11,6 +11,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import numpy as np
@@ -30,15 +31,12 @@ class JaxConfig:
     mesh_shape: str = "auto"
     """Device mesh over (dp, fsdp, tp): "auto" (all devices data-parallel), "1,-1,1" or
     "dp:1,fsdp:-1,tp:1"; -1 takes the remaining devices."""
-    compute_dtype: str = "float32"
-    """Activations and matmuls: float32 or bfloat16."""
-    param_dtype: str = "float32"
-    """Stored parameters and optimizer state: float32 or bfloat16."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Activations and matmuls."""
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Stored parameters and optimizer state."""
 
     def validate(self) -> None:
-        for key in ("compute_dtype", "param_dtype"):
-            if getattr(self, key) not in ("float32", "bfloat16"):
-                raise ConfigError(f"jax.{key}: expected float32 or bfloat16, got {getattr(self, key)!r}")
         parse_mesh_shape(self.mesh_shape)
 
 

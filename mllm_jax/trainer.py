@@ -21,7 +21,7 @@ import numpy as np
 from mllm_jax import config as config_lib
 from mllm_jax import contracts, runtime, summary
 from mllm_jax.checkpoint import Checkpointer
-from mllm_jax.config import ConfigError
+from mllm_jax.config import ConfigError, NonNegativeInt, PositiveInt
 from mllm_jax.tracking import Console, Tracker, format_eta
 
 
@@ -29,24 +29,16 @@ from mllm_jax.tracking import Console, Tracker, format_eta
 class LoopConfig:
     """The loop's own keys; each recipe's `train` section extends this with its optimizer and batch."""
 
-    log_every: int = 10
-    eval_every: int = 250
+    log_every: PositiveInt = 10
+    eval_every: NonNegativeInt = 250
     """Evaluate every N steps (and always at the end); 0 = only at the end."""
-    checkpoint_every: int = 500
+    checkpoint_every: NonNegativeInt = 500
     """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: PositiveInt = 2
     checkpoint_dir: str | None = None
     """Where checkpoints go; None = <run dir>/checkpoints. A run of several processes (a TPU
     slice) needs one place every worker sees, e.g. gs://bucket/path: orbax's multi-host save
     waits for files that each worker writes."""
-
-    def validate(self) -> None:
-        for key in ("log_every", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key}: expected a positive integer, got {getattr(self, key)}")
-        for key in ("eval_every", "checkpoint_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"train.{key}: expected an integer >= 0, got {getattr(self, key)}")
 
 
 class Task(Protocol):

@@ -63,15 +63,15 @@ HISTORY_COLUMN, TARGET_COLUMN = "history_item_sid", "item_sid"
 class SidDataConfig:
     """The `data:` section of the sft recipe: MiniOneRec's files, read by path."""
 
-    train_file: str = ""
+    train_file: str | None = None
     """MiniOneRec CSV for training (`.../train/*.csv` upstream); the next-item and fusion tasks read it.
     Needs the columns `history_item_sid` (a Python-literal list of SIDs) and `item_sid`."""
-    eval_file: str = ""
+    eval_file: str | None = None
     """CSV for the held-out eval loss (next-item task only, like MiniOneRec's validation set)."""
-    sid_index_path: str = ""
+    sid_index_path: str | None = None
     """`*.index.json`: item id -> SID tokens, e.g. ["<a_1>", "<b_2>", "<c_3>"]. Always needed: every SID
     of the CSVs must be in it, and its tokens are the ones added to the tokenizer."""
-    item_meta_path: str = ""
+    item_meta_path: str | None = None
     """`*.item.json`: item id -> {title, ...}; needed by the alignment and fusion tasks (titles)."""
     max_len: int = 512
     """Tokens per example (MiniOneRec's cutoff_len); longer examples lose the start of their prompt."""
@@ -79,7 +79,7 @@ class SidDataConfig:
     """Examples per training task drawn with the seed (CSV rows, or alignment pairs); -1 = all."""
     sample_eval: int = -1
     """Rows of eval_file drawn with the seed; -1 = all."""
-    test_file: str = ""
+    test_file: str | None = None
     """CSV whose next items the SID evaluation predicts (constrained beam search); MiniOneRec's
     `.../test/*.csv`, same columns as train_file."""
     sample_test: int = -1
@@ -127,9 +127,9 @@ def _prompt(instruction: str, input_: str) -> str:
     return TEMPLATE.format(instruction=instruction, input=input_)
 
 
-def _require_file(key: str, path: str) -> Path:
+def _require_file(key: str, path: str | None) -> Path:
     if not path:
-        raise ConfigError(f"data.{key}: expected a file path, got an empty string")
+        raise ConfigError(f"data.{key}: expected a file path, got {path!r}")
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"data.{key}: file not found: {path}")

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from mllm_jax import optim, runtime
-from mllm_jax.config import ConfigError
+from mllm_jax.config import NonNegativeInt, PositiveFloat, PositiveInt
 from mllm_jax.contracts import NanoGPTSummary
 from mllm_jax.data.char import CharDataConfig, CharDataset
 from mllm_jax.models.gpt import GPT, GPTConfig, flops_per_token, num_params
@@ -26,14 +26,14 @@ from mllm_jax.trainer import LoopConfig
 
 @dataclass
 class TrainConfig(LoopConfig):
-    max_steps: int = 2000
+    max_steps: PositiveInt = 2000
     """Optimizer updates to run in total (a resumed run continues up to this)."""
-    global_batch_size: int = 12
+    global_batch_size: PositiveInt = 12
     """Sequences per update, over all devices and processes."""
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
     """The cosine schedule ends here."""
-    warmup_steps: int = 100
+    warmup_steps: NonNegativeInt = 100
     lr_decay_steps: int | None = None
     """Step at which the cosine reaches min_lr; None = max_steps."""
     weight_decay: float = 0.1
@@ -41,30 +41,18 @@ class TrainConfig(LoopConfig):
     beta2: float = 0.99
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
-    eval_iters: int = 20
+    eval_iters: PositiveInt = 20
     """Batches per evaluation (the same held-out batches every time)."""
-
-    def validate(self) -> None:
-        super().validate()
-        for key in ("max_steps", "global_batch_size", "eval_iters"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key}: expected a positive integer, got {getattr(self, key)}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps: expected an integer >= 0, got {self.warmup_steps}")
 
 
 @dataclass
 class SampleConfig:
-    max_new_tokens: int = 200
+    max_new_tokens: NonNegativeInt = 200
     """Characters to generate after training (0 = no sample)."""
     prompt: str = "\n"
-    temperature: float = 0.8
-    top_k: int | None = 200
+    temperature: PositiveFloat = 0.8
+    top_k: PositiveInt | None = 200
     """Sample only among the k most likely characters; None = all."""
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 0 or self.temperature <= 0 or (self.top_k is not None and self.top_k < 1):
-            raise ConfigError("sample: expected max_new_tokens >= 0, temperature > 0 and top_k >= 1 or null")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax import optim, runtime
 from mllm_jax.checkpoint import Checkpointer
-from mllm_jax.config import ConfigError
+from mllm_jax.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
 from mllm_jax.contracts import SftSummary
 from mllm_jax.data import sid
 from mllm_jax.eval.beam_search import BeamSearch, left_pad
@@ -41,63 +41,51 @@ compiled step for the whole run, little padding."""
 
 @dataclass
 class TrainConfig(LoopConfig):
-    per_device_train_batch_size: int = 4
+    per_device_train_batch_size: PositiveInt = 4
     """Sequences per data-parallel device (dp x fsdp) in one micro-batch."""
-    global_batch_size: int = 128
+    global_batch_size: PositiveInt = 128
     """Sequences per update; gradient accumulation = global / (per-device x data-parallel
     devices), which must divide exactly. The loss is the token mean over the global batch."""
-    learning_rate: float = 3e-4
+    learning_rate: PositiveFloat = 3e-4
     optimizer: Literal["adamw", "lion", "sgd"] = "adamw"
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """After warmup (linear from 0): decay to 0 at the last step, or stay constant."""
-    warmup_steps: int = 20
+    warmup_steps: NonNegativeInt = 20
     weight_decay: float = 0.0
     """Decoupled, on matrices and embeddings only (adamw, lion)."""
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
-    max_steps: int | None = None
+    max_steps: PositiveInt | None = None
     """Updates in total; None = num_train_epochs over the training examples."""
-    num_train_epochs: float = 1.0
+    num_train_epochs: PositiveFloat = 1.0
     """Epochs when max_steps is None (the last batch of an epoch may be partial)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass: less memory, ~1/3 more compute."""
-
-    def validate(self) -> None:
-        super().validate()
-        for key in ("per_device_train_batch_size", "global_batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key}: expected a positive integer, got {getattr(self, key)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"train.max_steps: expected a positive integer or null, got {self.max_steps}")
-        if self.num_train_epochs <= 0 or self.warmup_steps < 0 or self.learning_rate <= 0:
-            raise ConfigError("train: expected num_train_epochs > 0, warmup_steps >= 0 and learning_rate > 0")
 
 
 @dataclass
 class EvalConfig:
     """The SID evaluation: constrained beam search over the index's SIDs on data.test_file."""
 
-    num_beams: int = 50
+    num_beams: PositiveInt = 50
     topk: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20, 50])
     """K of HR@K and NDCG@K; each <= num_beams."""
-    per_device_batch_size: int = 1
+    per_device_batch_size: PositiveInt = 1
     """Prompts per data-parallel device in one beam search (each carries num_beams sequences)."""
     checkpoint: str | None = None
     """With run_mode eval: an orbax checkpoint directory (a run's checkpoints/) whose latest step
     is evaluated; None = the base_model weights."""
 
     def validate(self) -> None:
-        if self.num_beams < 1 or self.per_device_batch_size < 1:
-            raise ConfigError("eval: expected num_beams >= 1 and per_device_batch_size >= 1")
         if not self.topk or any(k < 1 or k > self.num_beams for k in self.topk):
             raise ConfigError(f"eval.topk: expected values in 1..num_beams={self.num_beams}, got {self.topk}")
 
 
 @dataclass
 class Config:
-    base_model: str = ""
+    base_model: str | None = None
     """Hugging Face model id (downloaded) or a local directory with config.json, safetensors
     weights and tokenizer.json."""
     output_dir: str | None = None
