@@ -213,6 +213,30 @@ class Zone:
                     keys.setdefault(worker, {})[item.key] = item.value
         return keys
 
+    # -- what `mllm vm create` sends -------------------------------------------------------
+
+    def _specs(self, req: VmRequest, public_key: str) -> tuple[tpu_v2.Node, tpu_v2.QueuedResource | None]:
+        node = self.node_spec(req.accelerator_type, req.version, req.capacity == "spot" and not req.queued, public_key)
+        qr = self.queued_spec(req.name, node, req.capacity, req.reservation, req.valid_for) if req.queued else None
+        return node, qr
+
+    def create_vm_request(self, req: VmRequest, public_key: str) -> Request:
+        node, qr = self._specs(req, public_key)
+        return self.create_queued_request(req.name, qr) if qr else self.create_request(req.name, node)
+
+    def create_vm(self, req: VmRequest, public_key: str, timeout: float, poll: float, wait: bool = True,
+                  on_accepted: Callable[[], None] = lambda: None) -> tpu_v2.Node | None:
+        """Create the VM (directly, or through a queued resource whose queue is watched); None
+        with `wait=False`. `on_accepted` runs once the API has taken the request."""
+        node, qr = self._specs(req, public_key)
+        if qr is None:
+            created = self.create(req.name, node, timeout, wait=wait)
+            on_accepted()
+            return created
+        self.create_queued(req.name, qr)
+        on_accepted()
+        return wait_queued(self, req.name, timeout, poll) if wait else None
+
     # -- queued resources ------------------------------------------------------------------
 
     def queued_spec(self, name: str, node: tpu_v2.Node, capacity: str, reservation: str | None,
@@ -258,6 +282,38 @@ class Zone:
         with api_errors(f"deleting queued resource {name} in {self.zone}"):
             op = self.client.delete_queued_resource(request={"name": self.queued_path(name), "force": True})
             wait_for(op, timeout, f"deleting queued resource {name}")
+
+
+@dataclass
+class VmRequest:
+    """What `mllm vm create` asks for, checked before anything is sent."""
+
+    name: str
+    accelerator_type: str
+    version: str
+    capacity: str
+    """spot | guaranteed | reserved"""
+    queued: bool
+    reservation: str | None
+    valid_for: datetime.timedelta | None
+
+    @classmethod
+    def checked(cls, name: str | None, accelerator_type: str, version: str, spot: bool, queued: bool,
+                guaranteed: bool, reserved: str | None, valid_for: str | None) -> VmRequest:
+        check_type(accelerator_type)
+        if not queued and (guaranteed or reserved or valid_for):
+            raise LauncherError("--guaranteed, --reserved and --valid-for need --queued")
+        name = check_name(name or f"mllm-{accelerator_type}-{time.strftime('%y%m%d%H%M%S', time.gmtime())}")
+        capacity = "reserved" if reserved else "guaranteed" if guaranteed or not spot else "spot"
+        return cls(name, accelerator_type, runtime_version(accelerator_type, version), capacity, queued, reserved,
+                   parse_duration(valid_for, "--valid-for") if valid_for else None)
+
+    def describe(self, zone: str, created: tpu_v2.Node | None) -> str:
+        if created is None:
+            return (f"{'queued' if self.queued else 'requested'} {self.name} ({self.accelerator_type}, {self.capacity}) "
+                    f"in {zone}; watch it with `mllm vm list`")
+        return (f"created {self.name} ({self.accelerator_type}, {self.version}, {self.capacity}) in {zone}: "
+                f"{created.state.name}, workers {', '.join(worker_ips(created))}")
 
 
 def queued_state(qr: tpu_v2.QueuedResource) -> str:

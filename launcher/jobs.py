@@ -200,6 +200,14 @@ def follow(t: Target, run_id: str, on_line: Callable[[str], None], from_line: in
                     on_line)
 
 
+def read_log(t: Target, run_id: str) -> str:
+    """The job's log on one target so far."""
+    code, out = t.sh(f"cat {t.repo}/{RUNS}/{shlex.quote(run_id)}/{worker_log(t.index)}")
+    if code:
+        raise LauncherError(f"{t.label}: no log for run {run_id}")
+    return out
+
+
 def exit_code(t: Target, run_id: str) -> int | None:
     code, out = t.sh(f"cat {t.repo}/{RUNS}/{shlex.quote(run_id)}/{worker_file(t.index, 'exit')} 2>/dev/null")
     return int(out.strip()) if code == 0 and out.strip().lstrip("-").isdigit() else None

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+if TYPE_CHECKING:
+    from launcher import ssh
 
 KEY_COMMENT = "mllm"
 
@@ -40,3 +44,14 @@ def public_key() -> str:
     """The public key line if the key exists, else a placeholder (for --dry-run, which makes nothing)."""
     public = key_paths()[1]
     return public.read_text().strip() if public.exists() else "ssh-ed25519 <the launcher's key, made on first create> mllm"
+
+
+def ssh_argv(w: "ssh.Worker", user: str) -> list[str]:
+    """The system ssh's argv for an interactive shell on one worker: our key, and the host key
+    the VM published (or the one pinned on first use), strictly checked."""
+    key_file, _ = ensure_key()
+    known = config_dir() / ("known_hosts.published" if w.host_keys else "known_hosts")
+    if w.host_keys:
+        known.write_text("".join(f"{w.host} {t} {k}\n" for t, k in w.host_keys.items()))
+    return ["ssh", "-i", str(key_file), "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "IdentitiesOnly=yes", f"{user}@{w.host}"]

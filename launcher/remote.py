@@ -13,6 +13,7 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dotenv import dotenv_values
 
@@ -108,6 +109,24 @@ def mismatches(laptop: dict, workers: dict[int, dict]) -> list[tuple[int, str]]:
             if mine != theirs:
                 found.append((i, key))
     return found
+
+
+def versions_json(laptop: dict, found: dict[int, dict], diff: list[tuple[int, str]]) -> dict:
+    return {"laptop": laptop, "workers": {str(i): v for i, v in found.items()},
+            "mismatches": [{"worker": i, "field": f, "laptop": laptop.get(f), "worker_value": found[i].get(f)}
+                           for i, f in diff]}
+
+
+def versions_table(laptop: dict, found: dict[int, dict], diff: list[tuple[int, str]]) -> Any:
+    """A rich Table: the laptop's row, then one per worker, ` *` on what differs from the laptop."""
+    from rich.table import Table
+
+    cols = ["python", *VERSION_PACKAGES, "backend", "device_count", "os", "kernel"]
+    table = Table("machine", *cols)
+    table.add_row("laptop", *[str(laptop.get(c, "")) for c in cols])
+    for i, v in found.items():
+        table.add_row(f"w{i}", *[f"{v.get(c)}{' *' if (i, c) in diff else ''}" for c in cols])
+    return table
 
 
 def _minor(version: str | None) -> str | None:
@@ -209,6 +228,15 @@ def bootstrap(conns: ssh.Connections, w: ssh.Worker, options: InstallOptions, py
         result = run_bootstrap(conns, w, install_plan(options))
     record_python(conns, w, result["python"])
     return result
+
+
+def describe_bootstrap(r: dict) -> str:
+    """What bootstrap did on a worker, in words."""
+    if r["state"] == "installed":
+        return f"installed in {r['seconds']:.1f}s: {r['reason']}"
+    if r["state"] == "up-to-date":
+        return f"up to date, checked in {r['seconds']:.1f}s"
+    return "existing interpreter"
 
 
 def refresh(conns: ssh.Connections, w: ssh.Worker) -> dict | None:

@@ -64,3 +64,18 @@ def load_index() -> dict[str, dict[str, Any]]:
         return json.loads(_index_path().read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
+
+
+def describe(run_id: str, summary: dict[str, Any], entry: dict[str, Any]) -> list[str]:
+    """`mllm fetch-summary`'s lines: outcome, losses, commit, W&B, where it was saved."""
+    lines = [f"{run_id}: {summary.get('status')} at step {summary.get('final_step')}, "
+             f"final train loss {summary.get('final_train_loss')}, eval loss {entry['eval_loss']} "
+             f"(best {entry['best_eval_loss']}), commit {str(entry['commit'])[:12]}, "
+             f"{summary.get('process_count')} process(es)"]
+    w = summary.get("wandb") or {}
+    if w.get("url"):
+        lines.append(f"W&B: {w['url']}")
+    elif w.get("sync_command"):
+        lines.append(f"W&B offline run: {w['dir']} (upload with `{w['sync_command']}`)")
+    lines.append(f"saved to {entry['dest']}")
+    return lines

@@ -79,6 +79,20 @@ def _show(ref: str) -> str:
     return ref if ref.isprintable() else repr(ref)
 
 
+def repo_root(where: Path | None = None) -> Path:
+    """The git repository around `where` (default: the current directory): what sync ships."""
+    top = _git(where or Path.cwd(), "rev-parse", "--show-toplevel", check=False)
+    if top.returncode:
+        raise LauncherError("not inside a git repository: mllm sync/launch ship the current repo's commit")
+    return Path(top.stdout.strip())
+
+
+def head_or_none(where: Path | None = None) -> str | None:
+    """HEAD's sha where there is a repository with a commit, else None (a local run outside git)."""
+    head = _git(where or Path.cwd(), "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False)
+    return head.stdout.strip() if head.returncode == 0 else None
+
+
 def _has_commit(repo: Path, sha: str) -> bool:
     return _git(repo, "cat-file", "-e", f"{sha}^{{commit}}", check=False).returncode == 0
 

@@ -1,0 +1,269 @@
+"""The launcher as a library: a `Cluster` (the selected workers of a READY TPU VM, or this
+machine) and a `Run` on it. The `mllm` commands are thin wrappers over these; a script, a
+recovery supervisor or a regression suite drives the same calls:
+
+    with Cluster.connect("my-v6e", zone="us-east1-d") as c:
+        run = c.launch("nanogpt", "configs/nanogpt/v6e8.yaml", ["train.max_steps=100"])
+        code = run.wait()                       # streams the `[wK]` logs until the job ends
+        summary, entry = run.fetch_summary(Path("runs"))
+
+Output meant for the user (sync results, `[wK]` lines) is printed with `ssh.emit`, as the
+commands show it; results are returned.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher import cloud, jobs, keys, remote, runs, ssh, state, sync
+from launcher.errors import LauncherError
+from mllm_jax import contracts
+
+ENV_ON_WORKER = "/root/.env"  # where `mllm env push` puts secrets by default
+
+
+@dataclass
+class Cluster:
+    """Where runs happen. `targets` are the selected workers (or this machine); for a VM,
+    `workers` are all of its workers and `conns` one SSH connection per worker, closed by
+    `close()` (or the `with` block)."""
+
+    targets: list[jobs.Target]
+    vm: str | None = None
+    zone: str | None = None
+    workers: list[ssh.Worker] = field(default_factory=list)
+    internal_ips: list[str] = field(default_factory=list)
+    conns: ssh.Connections | None = None
+
+    @classmethod
+    def connect(cls, vm: str | None = None, zone: str | None = None, project: str | None = None,
+                worker: str = "all", internal_ip: bool = False, user: str = "root") -> Cluster:
+        """A READY TPU VM's workers (`worker`: all, 0, 1,3), host keys from its guest
+        attributes; `vm`/`zone`/`project` default to the remembered ones."""
+        z = cloud.Zone(cloud.resolve_project(state.resolve("project", project, "--project", required=False)),
+                       cloud.check_zone(state.resolve("zone", zone, "--zone")), cloud.make_client())
+        name = cloud.check_name(state.resolve("vm", vm, "--vm"))
+        node = z.get(name)
+        if node.state.name != "READY":
+            raise LauncherError(f"TPU VM {name} is {node.state.name}, not READY")
+        host_keys = z.host_keys(name)
+        workers = [ssh.Worker(i, ip, host_keys=host_keys.get(i, {}))
+                   for i, ip in enumerate(cloud.worker_ips(node, internal=internal_ip))]
+        state.remember(vm=name, zone=z.zone, project=z.project)
+        key_file, _ = keys.ensure_key()
+        conns = ssh.Connections(user, key_file, keys.config_dir() / "known_hosts")
+        targets: list[jobs.Target] = [jobs.RemoteTarget(conns, w) for w in ssh.select_workers(workers, worker)]
+        return cls(targets, name, z.zone, workers, cloud.worker_ips(node, internal=True), conns)
+
+    @classmethod
+    def local(cls, root: Path | None = None) -> Cluster:
+        """This machine: runs under `root`/runs (default: the current directory)."""
+        return cls([jobs.LocalTarget(root or Path.cwd())])
+
+    @property
+    def is_local(self) -> bool:
+        return self.conns is None
+
+    @property
+    def selected(self) -> list[ssh.Worker]:
+        return [t.worker for t in self.targets if isinstance(t, jobs.RemoteTarget)]
+
+    def close(self) -> None:
+        if self.conns is not None:
+            self.conns.close()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _remote(self, what: str) -> ssh.Connections:
+        if self.conns is None:
+            raise LauncherError(f"{what} needs a TPU VM (--vm), not --local")
+        return self.conns
+
+    # -- the workers' code and environment ---------------------------------------------------
+
+    def sync(self, ref: str = "HEAD", include_dirty: bool = False) -> str:
+        """Make the repo on the selected workers hold exactly this commit; returns its sha."""
+        conns = self._remote("sync")
+        repo = sync.repo_root()
+        sha = sync.resolve_commit(repo, ref, include_dirty)
+        for r in sync.sync_all(conns, self.selected, repo, sha):
+            ssh.emit(f"w{r.worker}", f"{r.sha[:12]} ({'full' if r.full else 'incremental'}, {r.bytes_sent:,} bytes, "
+                                     f"{r.seconds:.2f}s)")
+        return sha
+
+    def bootstrap(self, options: remote.InstallOptions, python: str | None = None, sync_first: bool = True,
+                  include_dirty: bool = False) -> dict[int, dict]:
+        """Install the synced pyproject on every selected worker (or record `python`)."""
+        conns = self._remote("bootstrap")
+        if sync_first and not python:
+            self.sync("HEAD", include_dirty)
+        return ssh.fan_out(self.selected, lambda w: remote.bootstrap(conns, w, options, python))
+
+    def versions(self) -> tuple[dict, dict[int, dict], list[tuple[int, str]]]:
+        """(laptop, per-worker versions, (worker, field) where a worker differs from the laptop)."""
+        conns = self._remote("versions")
+        found = ssh.fan_out(self.selected, lambda w: remote.versions(conns, w))
+        laptop = remote.laptop_versions()
+        return laptop, found, remote.mismatches(laptop, found)
+
+    def push_env(self, src: Path, dest: str = ENV_ON_WORKER) -> list[str]:
+        """Copy an env file to the selected workers over SFTP (0600); returns its key names."""
+        conns = self._remote("env push")
+        content, names = remote.normalized_env(src)
+        ssh.fan_out(self.selected, lambda w: remote.push_env(conns, w, content, dest))
+        return names
+
+    def exec(self, argv: list[str], env_file: str | None = None, fail_fast: bool = False) -> int:
+        """Run argv (quoted, never re-split) on the selected workers; the worst exit code."""
+        conns = self._remote("exec")
+        command = shlex.join(argv)
+        if env_file:
+            command = f"set -a && . {shlex.quote(env_file)} && set +a && {command}"
+        return ssh.exec_all(conns, self.selected, command, fail_fast=fail_fast)
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def launch(self, recipe: str, config: str, overrides: list[str] = (), env_file: str | None = None,
+               sync_first: bool = True, include_dirty: bool = False, force: bool = False) -> Run:
+        """Start `python -m mllm_jax train RECIPE` detached, one process per selected worker
+        (coordinator = the first), after syncing and bringing each venv up to date. Nothing
+        half-started: a failed start stops the processes already started."""
+        config_arg, sha = self._config_and_sha(config)
+        if not self.is_local:
+            sha = self.sync("HEAD", include_dirty) if sync_first else "nosync"
+        busy = sorted({r for t in self.targets for r in jobs.running_jobs(t)})
+        if busy and not force:
+            raise LauncherError(f"a job is still running there ({', '.join(busy)}): `mllm stop` it or pass --force")
+        for run_id in busy:
+            for t in self.targets:
+                ssh.emit(t.label, f"stopping {run_id}: {jobs.stop(t, run_id)}")
+        if env_file is None and not self.is_local:
+            env_file = ENV_ON_WORKER if self.targets[0].sh(f"test -f {ENV_ON_WORKER}")[0] == 0 else None
+        if self.conns is not None:
+            conns = self.conns
+            ssh.fan_out(self.selected, lambda w: remote.refresh(conns, w))
+        self._check_same_jax()
+        run_id = contracts.run_id(recipe, sha)
+        coordinator = (f"{self.internal_ips[self.targets[0].index]}:{contracts.COORDINATOR_PORT}"
+                       if not self.is_local else None)
+        spec = jobs.LaunchSpec(recipe, config_arg, list(overrides), run_id, env_file, coordinator, len(self.targets))
+        started: list[jobs.Target] = []
+        try:
+            for process_id, t in enumerate(self.targets):
+                jobs.start(t, spec, process_id)
+                started.append(t)
+                ssh.emit(t.label, f"started {run_id} (process {process_id} of {len(self.targets)})")
+        except LauncherError:  # the others would wait for the missing one forever
+            for t in started:
+                ssh.emit(t.label, f"stopping {run_id}: {jobs.stop(t, run_id, grace=5)}")
+            raise
+        return Run(self, run_id)
+
+    def run(self, run_id: str | None = None) -> Run:
+        """A run on this cluster by id; None = the first target's runs/latest."""
+        return Run(self, run_id or jobs.latest_run(self.targets[0]))
+
+    def _config_and_sha(self, config: str) -> tuple[str, str]:
+        """The config as the trainer will be given it, and the commit a local run reports."""
+        if self.is_local:
+            if not Path(config).is_file():
+                raise LauncherError(f"--config {config}: file not found")
+            return config, sync.head_or_none() or "nogit"
+        root = sync.repo_root()
+        path = Path(config).resolve()
+        if not path.is_file() or not path.is_relative_to(root):
+            raise LauncherError(f"--config {config}: expected a file inside the repository {root} (it is synced)")
+        return str(path.relative_to(root)), ""
+
+    def _check_same_jax(self) -> None:
+        """Every target imports jax and mllm_jax from the repo, with worker 0's jax: mixed
+        versions hang jax.distributed."""
+        found = ssh.fan_out(self.targets, _importable_jax)
+        first = self.targets[0]
+        for t in self.targets[1:]:
+            if found[t.index] != found[first.index]:
+                raise LauncherError(f"{t.label} has jax {found[t.index]} but {first.label} has "
+                                    f"{found[first.index]}: mixed versions hang jax.distributed; run `mllm bootstrap`")
+
+
+def _importable_jax(t: jobs.Target) -> str:
+    code, out = t.sh(f"cd {t.repo} && {t.python} -c 'import importlib.metadata as m; "
+                     f"print(\"MLLM_JAX\", m.version(\"jax\"), flush=True); import jax, mllm_jax'")
+    found = [line.split()[1] for line in out.splitlines() if line.startswith("MLLM_JAX ")]
+    if code:
+        raise LauncherError(f"{t.label}: cannot import jax and mllm_jax there ({out.strip()[-200:]}); run `mllm bootstrap`")
+    return found[0]
+
+
+@dataclass
+class Run:
+    """One run on a cluster, by id."""
+
+    cluster: Cluster
+    id: str
+
+    @property
+    def targets(self) -> list[jobs.Target]:
+        return self.cluster.targets
+
+    def status(self) -> dict[int, jobs.WorkerStatus]:
+        return ssh.fan_out(self.targets, lambda t: jobs.status(t, self.id))
+
+    def logs(self, follow: bool = False) -> None:
+        """Print every target's log, `[wK]`-prefixed; `follow` streams until the job ends,
+        reconnecting (from the line it had reached) when a connection drops."""
+        if not follow:
+            for t in self.targets:
+                for line in jobs.read_log(t, self.id).splitlines():
+                    ssh.emit(t.label, line)
+            return
+        ssh.fan_out(self.targets, self._follow) if len(self.targets) > 1 else self._follow(self.targets[0])
+
+    def _follow(self, t: jobs.Target) -> None:
+        seen = 0
+
+        def line(text: str) -> None:
+            nonlocal seen
+            seen += 1
+            ssh.emit(t.label, text)
+
+        for attempt in range(30):
+            try:
+                jobs.follow(t, self.id, line, from_line=seen + 1, until_exit=True)
+                return
+            except (OSError, EOFError) as e:  # dropped connection: pick up where we were
+                ssh.emit(t.label, f"(connection lost: {e}; reconnecting)")
+                time.sleep(min(2 ** attempt, 10))
+
+    def exit_code(self) -> int:
+        """The worst target's exit code (1 for a target that wrote none)."""
+        codes = [jobs.exit_code(t, self.id) for t in self.targets]
+        return max((c if c is not None else 1) for c in codes)
+
+    def wait(self) -> int:
+        """Stream the logs until the job ends; its exit code."""
+        self.logs(follow=True)
+        return self.exit_code()
+
+    def stop(self, grace: float = contracts.STOP_GRACE_SEC) -> dict[int, str]:
+        return ssh.fan_out(self.targets, lambda t: jobs.stop(t, self.id, grace))
+
+    def fetch_summary(self, dest: Path = Path(contracts.RUNS_DIR)) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Bring run_summary.json (and config, metrics) home under dest/<run id>/ and index the
+        run; (summary, index entry). A local run's files are already here."""
+        c = self.cluster
+        if c.is_local:
+            dest = Path(contracts.RUNS_DIR)
+            summary = json.loads((dest / self.id / contracts.SUMMARY_FILE).read_text())
+        else:
+            summary = runs.fetch(self.targets[0], self.id, dest)
+        return summary, runs.record(self.id, summary, c.vm, c.zone, dest)
