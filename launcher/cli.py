@@ -14,7 +14,7 @@ from launcher.errors import LauncherError
 from mllm_jax import __version__, contracts
 
 if TYPE_CHECKING:  # imported lazily at run time: `mllm --help` stays fast
-    from launcher import cloud, cluster
+    from launcher import cluster
 
 # rich_markup_mode=None: help texts render literally (`[wK]` is not markup).
 app = typer.Typer(help="Train LLMs with JAX, locally or on Cloud TPU VMs.", no_args_is_help=True,
@@ -74,14 +74,6 @@ IncludeDirty = Annotated[bool, typer.Option("--include-dirty", help="Ship a snap
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _zone(zone: Optional[str], project: Optional[str]) -> "cloud.Zone":
-    from launcher import cloud
-
-    zone = cloud.check_zone(state.resolve("zone", zone, "--zone"))
-    project = cloud.resolve_project(state.resolve("project", project, "--project", required=False))
-    return cloud.Zone(project, zone, cloud.make_client())
-
-
 def _age(seconds: int) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -119,7 +111,7 @@ def vm_create(
     from launcher import cloud, keys
 
     req = cloud.VmRequest.checked(name, accelerator_type, version, spot, queued, guaranteed, reserved, valid_for)
-    z = _zone(zone, project)
+    z = cloud.Zone.resolve(zone, project)
     if dry_run:
         typer.echo(z.create_vm_request(req, keys.public_key()).text())
         return
@@ -144,7 +136,7 @@ def vm_list(zone: Zone = None, project: Project = None,
         proj = cloud.resolve_project(state.resolve("project", project, "--project", required=False))
         rows = cloud.vm_rows_all_zones(proj, cloud.make_client(), now)
     else:
-        rows = cloud.vm_rows(_zone(zone, project), now)
+        rows = cloud.vm_rows(cloud.Zone.resolve(zone, project), now)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -169,7 +161,7 @@ def vm_describe(name: Name = None, vm: Vm = None, zone: Zone = None,
     """Print one TPU VM (and its queued resource) as JSON."""
     from launcher import cloud
 
-    z = _zone(zone, project)
+    z = cloud.Zone.resolve(zone, project)
     name = _vm_name(name, vm)
     rows = [r for r in cloud.vm_rows(z, time.time()) if name in (r["name"], r["queued_resource"])]
     if not rows:
@@ -192,7 +184,7 @@ def vm_delete(
     """Delete a TPU VM and its queued resource (or, with --stale, everything dead in the zone)."""
     from launcher import cloud
 
-    z = _zone(zone, project)
+    z = cloud.Zone.resolve(zone, project)
     if stale and (name or vm):
         raise LauncherError("--stale deletes every dead VM in the zone; give no NAME with it")
     plan = cloud.stale(z) if stale else [cloud.deletion(z, _vm_name(name, vm))]

@@ -148,6 +148,15 @@ class Zone:
     zone: str
     client: tpu_v2.TpuClient
 
+    @classmethod
+    def resolve(cls, zone: str | None, project: str | None) -> Zone:
+        """The zone and project given, else remembered or from the environment (launcher.state)."""
+        from launcher import state
+
+        zone = check_zone(state.resolve("zone", zone, "--zone"))
+        project = resolve_project(state.resolve("project", project, "--project", required=False))
+        return cls(project, zone, make_client())
+
     @property
     def parent(self) -> str:
         return f"projects/{self.project}/locations/{self.zone}"

@@ -45,8 +45,7 @@ class Cluster:
                 worker: str = "all", internal_ip: bool = False, user: str = "root") -> Cluster:
         """A READY TPU VM's workers (`worker`: all, 0, 1,3), host keys from its guest
         attributes; `vm`/`zone`/`project` default to the remembered ones."""
-        z = cloud.Zone(cloud.resolve_project(state.resolve("project", project, "--project", required=False)),
-                       cloud.check_zone(state.resolve("zone", zone, "--zone")), cloud.make_client())
+        z = cloud.Zone.resolve(zone, project)
         name = cloud.check_name(state.resolve("vm", vm, "--vm"))
         node = z.get(name)
         if node.state.name != "READY":
