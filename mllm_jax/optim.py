@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import jax
 import optax
+
+from mllm_jax.config import NonNegativeFloat, NonNegativeInt, PositiveFloat
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer keys of every recipe's `train` section (each recipe adds the keys of its
+    learning-rate schedule): one declaration, so the recipes cannot drift apart."""
+
+    optimizer: Literal["adamw", "lion", "sgd"] = "adamw"
+    learning_rate: PositiveFloat = 3e-4
+    """The peak, reached at the end of the warmup."""
+    warmup_steps: NonNegativeInt = 20
+    weight_decay: NonNegativeFloat = 0.0
+    """Decoupled, on matrices and embeddings only (adamw, lion)."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: NonNegativeFloat = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping."""
+
+    def build(self, schedule: optax.Schedule) -> optax.GradientTransformation:
+        return optimizer(self.optimizer, schedule, self.beta1, self.beta2, self.weight_decay, self.grad_clip)
 
 
 def warmup_cosine(learning_rate: float, min_lr: float, warmup_steps: int, decay_steps: int) -> optax.Schedule:

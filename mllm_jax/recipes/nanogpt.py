@@ -16,6 +16,7 @@ import optax
 
 from mllm_jax import optim, runtime
 from mllm_jax.config import NonNegativeInt, PositiveFloat, PositiveInt
+from mllm_jax.optim import OptimizerConfig
 from mllm_jax.contracts import NanoGPTSummary
 from mllm_jax.data.char import CharDataConfig, CharDataset
 from mllm_jax.models.gpt import GPT, GPTConfig, flops_per_token, num_params
@@ -25,22 +26,18 @@ from mllm_jax.trainer import LoopConfig
 
 
 @dataclass
-class TrainConfig(LoopConfig):
+class TrainConfig(LoopConfig, OptimizerConfig):
+    """nanoGPT's schedule: linear warmup to learning_rate, cosine to min_lr at lr_decay_steps
+    (nanoGPT's own values, e.g. learning_rate 1e-3, beta2 0.99, weight_decay 0.1, are in configs/)."""
+
     max_steps: PositiveInt = 2000
     """Optimizer updates to run in total (a resumed run continues up to this)."""
     global_batch_size: PositiveInt = 12
     """Sequences per update, over all devices and processes."""
-    learning_rate: float = 1e-3
     min_lr: float = 1e-4
     """The cosine schedule ends here."""
-    warmup_steps: NonNegativeInt = 100
     lr_decay_steps: int | None = None
     """Step at which the cosine reaches min_lr; None = max_steps."""
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0 = no clipping."""
     eval_iters: PositiveInt = 20
     """Batches per evaluation (the same held-out batches every time)."""
 
@@ -78,7 +75,7 @@ class NanoGPTTask:
                          param_dtype=jnp.dtype(cfg.jax.param_dtype))
         t = cfg.train
         self.schedule = optim.warmup_cosine(t.learning_rate, t.min_lr, t.warmup_steps, t.lr_decay_steps or t.max_steps)
-        self.tx = optim.adamw(self.schedule, t.beta1, t.beta2, t.weight_decay, t.grad_clip)
+        self.tx = t.build(self.schedule)
         self.rows = runtime.process_rows(t.global_batch_size)
         self.max_steps = t.max_steps
         self.tokens_per_step = t.global_batch_size * cfg.model.block_size

@@ -23,7 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax import optim, runtime
 from mllm_jax.checkpoint import Checkpointer
-from mllm_jax.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
+from mllm_jax.config import ConfigError, PositiveFloat, PositiveInt
+from mllm_jax.optim import OptimizerConfig
 from mllm_jax.contracts import SftSummary
 from mllm_jax.data import sid
 from mllm_jax.eval.beam_search import BeamSearch, left_pad
@@ -40,23 +41,14 @@ compiled step for the whole run, little padding."""
 
 
 @dataclass
-class TrainConfig(LoopConfig):
+class TrainConfig(LoopConfig, OptimizerConfig):
     per_device_train_batch_size: PositiveInt = 4
     """Sequences per data-parallel device (dp x fsdp) in one micro-batch."""
     global_batch_size: PositiveInt = 128
     """Sequences per update; gradient accumulation = global / (per-device x data-parallel
     devices), which must divide exactly. The loss is the token mean over the global batch."""
-    learning_rate: PositiveFloat = 3e-4
-    optimizer: Literal["adamw", "lion", "sgd"] = "adamw"
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """After warmup (linear from 0): decay to 0 at the last step, or stay constant."""
-    warmup_steps: NonNegativeInt = 20
-    weight_decay: float = 0.0
-    """Decoupled, on matrices and embeddings only (adamw, lion)."""
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0 = no clipping."""
     max_steps: PositiveInt | None = None
     """Updates in total; None = num_train_epochs over the training examples."""
     num_train_epochs: PositiveFloat = 1.0
@@ -174,7 +166,7 @@ class SFTTask:
         self.model = qwen2.Qwen2(self.model_cfg, dtype=jnp.dtype(cfg.jax.compute_dtype),
                                  param_dtype=jnp.dtype(cfg.jax.param_dtype), remat=t.gradient_checkpointing)
         self.schedule = optim.warmup_decay(t.learning_rate, t.warmup_steps, self.max_steps, t.lr_schedule)
-        self.tx = optim.optimizer(t.optimizer, self.schedule, t.beta1, t.beta2, t.weight_decay, t.grad_clip)
+        self.tx = t.build(self.schedule)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(self.tx.init)(params)}
         # Moments follow their params' shardings; scalars (step, counts) are replicated.
         self.state_shardings = jax.tree.map(
