@@ -194,11 +194,12 @@ class Zone:
             return self.client.get_node(name=self.node_path(name))
 
     def find(self, name: str) -> tpu_v2.Node | None:
-        """The node, or None when it does not exist."""
-        try:
-            return self.client.get_node(name=self.node_path(name))
-        except gexc.NotFound:
-            return None
+        """The node, or None when it does not exist (other refusals are one-line errors)."""
+        with api_errors(f"TPU VM {name} in {self.zone}"):
+            try:
+                return self.client.get_node(name=self.node_path(name))
+            except gexc.NotFound:
+                return None
 
     def list(self) -> list[tpu_v2.Node]:
         with api_errors(f"listing TPU VMs in {self.zone}"):
@@ -274,10 +275,12 @@ class Zone:
             self.client.create_queued_resource(parent=self.parent, queued_resource=qr, queued_resource_id=name)
 
     def find_queued(self, name: str) -> tpu_v2.QueuedResource | None:
-        try:
-            return self.client.get_queued_resource(name=self.queued_path(name))
-        except gexc.NotFound:
-            return None
+        """The queued resource, or None when it does not exist (other refusals are one-line errors)."""
+        with api_errors(f"queued resource {name} in {self.zone}"):
+            try:
+                return self.client.get_queued_resource(name=self.queued_path(name))
+            except gexc.NotFound:
+                return None
 
     def list_queued(self) -> list[tpu_v2.QueuedResource]:
         with api_errors(f"listing queued resources in {self.zone}"):
@@ -353,8 +356,7 @@ def wait_queued(z: Zone, name: str, timeout: float, poll: float) -> tpu_v2.Node:
     with console.status(f"queued resource {name}: CREATING") as status:
         while True:
             elapsed = time.monotonic() - start
-            with api_errors(f"queued resource {name} in {z.zone}"):
-                qr = z.find_queued(name)
+            qr = z.find_queued(name)
             state = queued_state(qr) if qr is not None else "CREATING"
             line = f"queued resource {name}: {state} ({elapsed:.0f}s)"
             status.update(line)
