@@ -361,9 +361,10 @@ def status_cmd(run: RunId = None, local: Local = False, vm: Vm = None, zone: Zon
 def logs_cmd(run: RunId = None, local: Local = False, vm: Vm = None, zone: Zone = None, project: Project = None,
              worker: Workers = "all", internal_ip: InternalIp = False, user: User = "root",
              follow_logs: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")) -> None:
-    """Print the run's logs, `[wK]`-prefixed; -f follows them until the job ends."""
+    """Print the run's logs, `[wK]`-prefixed; -f follows them until the job ends (exit: its code)."""
     with _cluster(vm, zone, project, worker, internal_ip, user, local) as c:
-        c.run(run).logs(follow=follow_logs)
+        code = c.run(run).logs(follow=follow_logs)
+    raise typer.Exit(code or 0)
 
 
 @app.command("stop")

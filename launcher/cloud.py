@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import google.auth.exceptions
+import requests
 from google.api_core import exceptions as gexc
 from google.api_core import operation
 from google.cloud import tpu_v2
@@ -35,6 +37,10 @@ RUNTIME_VERSIONS = {
 _TYPE = re.compile(r"^(v4|v5litepod|v5p|v6e)-(\d+)$")
 _ZONE = re.compile(r"^[a-z]+-[a-z]+\d+-[a-z]$")
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+# A project id: 6-30 lowercase letters, digits and hyphens, starting with a letter, not ending
+# with a hyphen; or a legacy one scoped by a domain, `example.com:proj`.
+_PROJECT = re.compile(r"^(?:[a-z][-a-z0-9]{4,28}[a-z0-9]"
+                      r"|[a-z0-9][-a-z0-9]*(?:\.[a-z0-9][-a-z0-9]*)+:[a-z][-a-z0-9]{0,61}[a-z0-9])$")
 
 
 def check_zone(zone: str) -> str:
@@ -63,14 +69,22 @@ def runtime_version(accelerator_type: str, version: str) -> str:
     return RUNTIME_VERSIONS[check_type(accelerator_type).split("-")[0]] if version == "auto" else version
 
 
+def check_project(project: str) -> str:
+    if not _PROJECT.match(project):
+        raise LauncherError(f"--project {project!r}: expected a GCP project id (6-30 lowercase letters, digits and "
+                            "hyphens, starting with a letter; or a legacy example.com:proj)")
+    return project
+
+
 def make_client() -> tpu_v2.TpuClient:
     endpoint = os.environ.get(ENV_ENDPOINT)
-    if endpoint:
-        from google.auth.credentials import AnonymousCredentials
+    with api_errors("connecting to the Cloud TPU API"):  # no credentials (ADC) is an error here
+        if endpoint:
+            from google.auth.credentials import AnonymousCredentials
 
-        return tpu_v2.TpuClient(transport="rest", credentials=AnonymousCredentials(),
-                                client_options={"api_endpoint": endpoint})
-    return tpu_v2.TpuClient()
+            return tpu_v2.TpuClient(transport="rest", credentials=AnonymousCredentials(),
+                                    client_options={"api_endpoint": endpoint})
+        return tpu_v2.TpuClient()
 
 
 def resolve_project(given: str | None) -> str:
@@ -83,13 +97,15 @@ def resolve_project(given: str | None) -> str:
             project = google.auth.default()[1]
     if not project:
         raise LauncherError("no project: pass --project, or set MLLM_PROJECT or CLOUDSDK_CORE_PROJECT")
-    return project
+    return check_project(project)
 
 
 @contextlib.contextmanager
 def api_errors(what: str) -> Iterator[None]:
-    """Turn the API's refusals into one clear line. (Over REST the client raises by HTTP status:
-    Forbidden, BadRequest, Conflict, TooManyRequests; operations raise by gRPC code.)"""
+    """Turn the API's refusals, and failures to reach it or to authenticate, into one clear line.
+    Every call of the API goes through here. (Over REST the client raises by HTTP status:
+    Forbidden, BadRequest, Conflict, TooManyRequests; operations raise by gRPC code; the
+    transport raises requests' or google-auth's errors.)"""
     try:
         yield
     except gexc.NotFound as e:
@@ -104,6 +120,24 @@ def api_errors(what: str) -> Iterator[None]:
         raise LauncherError(f"{what}: already exists ({e.message})") from None
     except gexc.GoogleAPICallError as e:
         raise LauncherError(f"{what}: {type(e).__name__} ({e.message})") from None
+    except gexc.RetryError as e:
+        raise LauncherError(f"{what}: gave up retrying ({_reason(e.cause or e)})") from None
+    except (requests.exceptions.RequestException, google.auth.exceptions.TransportError) as e:
+        endpoint = os.environ.get(ENV_ENDPOINT) or DEFAULT_HOST
+        raise LauncherError(f"{what}: cannot reach the Cloud TPU API at {endpoint} ({_reason(e)})") from None
+    except google.auth.exceptions.GoogleAuthError as e:
+        raise LauncherError(f"{what}: no usable credentials ({_reason(e)}); run "
+                            "`gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS") from None
+
+
+def _reason(e: BaseException) -> str:
+    """The gist of a transport error, on one line: its OS error where it wraps one
+    ("[Errno 111] Connection refused"), else its first line."""
+    text = str(e)
+    errno_text = re.findall(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if errno_text:
+        return errno_text[-1].strip()
+    return " ".join((text.strip().splitlines() or [type(e).__name__])[0].split())[:200]
 
 
 DEFAULT_HOST = "https://tpu.googleapis.com"

@@ -13,8 +13,10 @@ commands show it; results are returned.
 
 from __future__ import annotations
 
-import json
+import os
 import shlex
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,8 +127,11 @@ class Cluster:
         """Run argv (quoted, never re-split) on the selected workers; the worst exit code."""
         conns = self._remote("exec")
         command = shlex.join(argv)
-        if env_file:
-            command = f"set -a && . {shlex.quote(env_file)} && set +a && {command}"
+        if env_file:  # parsed as dotenv by the trainer's own reader (the synced repo's, else the
+            # interpreter's installed mllm_jax), never sourced as shell
+            repo = jobs.RemoteTarget(conns, self.selected[0]).repo
+            command = (f"cd {repo} 2>/dev/null || cd; exec {remote.remote_python()} -m mllm_jax env-exec {shlex.quote(env_file)} "
+                       f"-- sh -c 'cd && exec \"$@\"' sh {command}")
         return ssh.exec_all(conns, self.selected, command, fail_fast=fail_fast)
 
     # -- runs ----------------------------------------------------------------------------------
@@ -137,6 +142,7 @@ class Cluster:
         (coordinator = the first), after syncing and bringing each venv up to date. Nothing
         half-started: a failed start stops the processes already started."""
         config_arg, sha = self._config_and_sha(config)
+        check_config(recipe, config, list(overrides))
         if not self.is_local:
             sha = self.sync("HEAD", include_dirty) if sync_first else "nosync"
         busy = sorted({r for t in self.targets for r in jobs.running_jobs(t)})
@@ -169,6 +175,8 @@ class Cluster:
 
     def run(self, run_id: str | None = None) -> Run:
         """A run on this cluster by id; None = the first target's runs/latest."""
+        if run_id is not None:
+            jobs.run_path(run_id)  # one safe path component, or a one-line error
         return Run(self, run_id or jobs.latest_run(self.targets[0]))
 
     def _config_and_sha(self, config: str) -> tuple[str, str]:
@@ -194,6 +202,29 @@ class Cluster:
                                     f"{found[first.index]}: mixed versions hang jax.distributed; run `mllm bootstrap`")
 
 
+def check_config(recipe: str, config: str, overrides: list[str]) -> None:
+    """Refuse a bad recipe, config file or `--set` item on the laptop, before any VM is touched:
+    the trainer's own loader resolves the config (`--print-config`, in a child process: the
+    recipe modules import JAX, the launcher does not)."""
+    from mllm_jax.recipes import RECIPES
+
+    if recipe not in RECIPES:
+        raise LauncherError(f"RECIPE {recipe!r}: unknown; expected one of {', '.join(RECIPES)}")
+    for item in overrides:
+        if contracts.control_chars(item):
+            raise LauncherError(f"--set {item!r}: control characters ({', '.join(contracts.control_chars(item))}) "
+                                "are not allowed; give one KEY=VALUE per --set")
+    argv = [sys.executable, "-m", "mllm_jax", "train", recipe, "--config", str(Path(config).absolute()), "--print-config"]
+    for item in overrides:
+        argv += ["--set", item]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=Path(config).absolute().parent)
+    if out.returncode:
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        error = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "")
+        raise LauncherError(f"--config {config}: {error.removeprefix('error: ')}")
+
+
 def _importable_jax(t: jobs.Target) -> str:
     code, out = t.sh(f"cd {t.repo} && {t.python} -c 'import importlib.metadata as m; "
                      f"print(\"MLLM_JAX\", m.version(\"jax\"), flush=True); import jax, mllm_jax'")
@@ -217,17 +248,25 @@ class Run:
     def status(self) -> dict[int, jobs.WorkerStatus]:
         return ssh.fan_out(self.targets, lambda t: jobs.status(t, self.id))
 
-    def logs(self, follow: bool = False) -> None:
-        """Print every target's log, `[wK]`-prefixed; `follow` streams until the job ends,
-        reconnecting (from the line it had reached) when a connection drops."""
+    def logs(self, follow: bool = False) -> int | None:
+        """Print every target's log, `[wK]`-prefixed. `follow` streams until the job ends (its
+        exit file exists) and returns the worst exit code (1 for a worker whose job is gone
+        without one). A connection that drops or goes silent is reported as `[wK] connection lost
+        (why), reconnecting` and opened afresh (with backoff), from the first line not printed
+        yet: each line is printed once."""
         if not follow:
             for t in self.targets:
                 for line in jobs.read_log(t, self.id).splitlines():
                     ssh.emit(t.label, line)
-            return
-        ssh.fan_out(self.targets, self._follow) if len(self.targets) > 1 else self._follow(self.targets[0])
+            return None
+        if len(self.targets) > 1:
+            codes = list(ssh.fan_out(self.targets, self._follow).values())
+        else:  # in this thread: Ctrl-C stops it at once
+            codes = [self._follow(self.targets[0])]
+        return max((c if c is not None else 1) for c in codes)
 
-    def _follow(self, t: jobs.Target) -> None:
+    def _follow(self, t: jobs.Target) -> int | None:
+        """One target's log until its job ends: its exit code, None if it is lost."""
         seen = 0
 
         def line(text: str) -> None:
@@ -235,13 +274,27 @@ class Run:
             seen += 1
             ssh.emit(t.label, text)
 
-        for attempt in range(30):
+        delay, tries = 1.0, 0
+        while True:
+            before = seen
             try:
-                jobs.follow(t, self.id, line, from_line=seen + 1, until_exit=True)
-                return
-            except (OSError, EOFError) as e:  # dropped connection: pick up where we were
-                ssh.emit(t.label, f"(connection lost: {e}; reconnecting)")
-                time.sleep(min(2 ** attempt, 10))
+                code = jobs.follow(t, self.id, line, from_line=seen + 1, until_exit=True)
+            except (ssh.ConnectionLost, *ssh.TRANSPORT_ERRORS) as e:
+                why = str(e) or type(e).__name__
+            else:
+                if code is None:
+                    ssh.emit(t.label, f"the job is not running and recorded no exit code (status lost); "
+                                      f"stopped following {self.id}")
+                return code
+            if seen > before:  # it got somewhere: start the backoff over
+                delay, tries = 1.0, 0
+            tries += 1
+            if tries > 8:
+                raise LauncherError(f"{t.label}: connection lost ({why}), and {tries - 1} reconnections failed; "
+                                    f"the job may still be running (`mllm status`)")
+            ssh.emit(t.label, f"connection lost ({why}), reconnecting")
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     def exit_code(self) -> int:
         """The worst target's exit code (1 for a target that wrote none)."""
@@ -250,8 +303,8 @@ class Run:
 
     def wait(self) -> int:
         """Stream the logs until the job ends; its exit code."""
-        self.logs(follow=True)
-        return self.exit_code()
+        code = self.logs(follow=True)
+        return self.exit_code() if code is None else code
 
     def stop(self, grace: float = contracts.STOP_GRACE_SEC) -> dict[int, str]:
         return ssh.fan_out(self.targets, lambda t: jobs.stop(t, self.id, grace))
@@ -262,7 +315,7 @@ class Run:
         c = self.cluster
         if c.is_local:
             dest = Path(contracts.RUNS_DIR)
-            summary = json.loads((dest / self.id / contracts.SUMMARY_FILE).read_text())
+            summary = runs.read_local(self.id, dest)
         else:
             summary = runs.fetch(self.targets[0], self.id, dest)
         return summary, runs.record(self.id, summary, c.vm, c.zone, dest)

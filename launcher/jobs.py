@@ -33,8 +33,8 @@ class Target(Protocol):
     python: str
     """The interpreter that runs the trainer there (shell syntax)."""
 
-    def sh(self, script: str) -> tuple[int, str]:
-        """Run a shell script; (exit code, combined output)."""
+    def sh(self, script: str, stdin: str | None = None) -> tuple[int, str]:
+        """Run a shell script (with `stdin` as its input, if given); (exit code, combined output)."""
 
     def stream(self, script: str, on_line: Callable[[str], None]) -> int:
         """Run a shell script, passing each output line on as it comes."""
@@ -55,8 +55,11 @@ class RemoteTarget:
     def label(self) -> str:
         return self.worker.label
 
-    def sh(self, script: str) -> tuple[int, str]:
-        return ssh.capture(self.conns, self.worker, f"sh -c {shlex.quote(script)}")
+    def sh(self, script: str, stdin: str | None = None) -> tuple[int, str]:
+        command = f"sh -c {shlex.quote(script)}"
+        if stdin is not None:
+            return ssh.capture_input(self.conns, self.worker, command, stdin.encode())
+        return ssh.capture(self.conns, self.worker, command)
 
     def stream(self, script: str, on_line: Callable[[str], None]) -> int:
         return ssh.run(self.conns, self.worker, f"sh -c {shlex.quote(script)}", on_line=on_line)
@@ -76,8 +79,8 @@ class LocalTarget:
     def python(self) -> str:
         return shlex.quote(sys.executable)
 
-    def sh(self, script: str) -> tuple[int, str]:
-        out = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    def sh(self, script: str, stdin: str | None = None) -> tuple[int, str]:
+        out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, input=stdin or "")
         return out.returncode, (out.stdout + out.stderr).rstrip("\n")
 
     def stream(self, script: str, on_line: Callable[[str], None]) -> int:
@@ -94,13 +97,27 @@ def _checked(t: Target, script: str, what: str) -> str:
     return out
 
 
+def run_path(run_id: str) -> str:
+    """`runs/<id>` for a run id that is one safe path component (refused otherwise)."""
+    if not contracts.is_run_id(run_id):
+        raise LauncherError(f"run id {run_id!r}: expected letters, digits, '.', '_' or '-' (e.g. nanogpt-20260101-120000-abc1234)")
+    return f"{RUNS}/{run_id}"
+
+
+# A job is the process group of its wrapper (`worker-K.pid` holds the group id): the trainer
+# stays in it even when the wrapper is gone, so every check below signals the whole group.
+_LIVE_JOBS = f"""for f in {RUNS}/*/worker-*.pid; do
+  case "$f" in {RUNS}/{contracts.LATEST}/*) continue;; esac
+  if [ -f "$f" ] && kill -0 "-$(cat "$f")" 2>/dev/null; then echo "MLLM_BUSY $f"; fi
+done"""
+
+
 def running_jobs(t: Target) -> list[str]:
-    """Run ids with a live job process on this target."""
+    """Run ids with a live job (any process of its group) on this target."""
     out = _checked(t, f"""cd {t.repo} 2>/dev/null || exit 0
-for f in {RUNS}/*/worker-*.pid; do
-  [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && echo "$f"
-done; exit 0""", "looking for running jobs")
-    return sorted({line.split("/")[1] for line in out.splitlines() if line.startswith(f"{RUNS}/")})
+{_LIVE_JOBS}
+exit 0""", "looking for running jobs")
+    return sorted({line.split("/")[1] for line in out.splitlines() if line.startswith(f"MLLM_BUSY {RUNS}/")})
 
 
 @dataclass
@@ -115,11 +132,15 @@ class LaunchSpec:
     num_processes: int
 
 
-def start(t: Target, spec: LaunchSpec, process_id: int = 0) -> None:
-    """Start process `process_id` of the job on one target, detached in its own session (it
-    outlives the connection)."""
-    k = t.index
-    run = f"{RUNS}/{spec.run_id}"
+BUSY_EXIT = 75
+"""The start script's exit code when another job (or launch) holds the target."""
+
+
+def job_script(t: Target, spec: LaunchSpec, process_id: int) -> str:
+    """The job's wrapper script (`worker-K.sh`): every user-given word is quoted, and the file
+    reaches the target as data (never through a here-document). It records the trainer's exit
+    code; a TERM to the job's group reaches the trainer directly (the wrapper only waits)."""
+    run = run_path(spec.run_id)
     train = ['"$PY"', "-m", "mllm_jax", "train", shlex.quote(spec.recipe), "--config", shlex.quote(spec.config),
              "--set", shlex.quote(f"output_dir={run}")]
     for item in spec.overrides:
@@ -130,26 +151,41 @@ def start(t: Target, spec: LaunchSpec, process_id: int = 0) -> None:
     if spec.num_processes > 1:
         env = (f"export {contracts.ENV_COORDINATOR}={shlex.quote(spec.coordinator or '')} "
                f"{contracts.ENV_NUM_PROCESSES}={spec.num_processes} {contracts.ENV_PROCESS_ID}={process_id}\n")
-    # The job script: forwards TERM/INT to the trainer (which checkpoints and exits 143) and
-    # always records the exit code.
-    job = f"""PY={t.python}
+    return f"""PY={t.python}
 {env}{" ".join(train)} &
 child=$!
-trap 'kill -TERM $child 2>/dev/null' TERM INT
+trap : TERM INT
 wait $child; code=$?
 while kill -0 $child 2>/dev/null; do wait $child; code=$?; done
-echo $code > {run}/{worker_file(k, "exit")}
+echo $code > {run}/{worker_file(t.index, "exit")}
 exit $code
 """
-    _checked(t, f"""set -e
+
+
+def start(t: Target, spec: LaunchSpec, process_id: int = 0) -> None:
+    """Start process `process_id` of the job on one target, detached in its own session (it
+    outlives the connection). Under a lock on the target (`runs/.launch.lock`), it refuses when
+    a job is alive there or the run dir exists: of two simultaneous launches, one starts."""
+    k = t.index
+    run = run_path(spec.run_id)
+    code, out = t.sh(f"""set -e
 cd {t.repo}
+mkdir -p {RUNS}
+exec 9>{RUNS}/.launch.lock
+flock -w 30 9 || {{ echo "MLLM_BUSY another launch holds {RUNS}/.launch.lock"; exit {BUSY_EXIT}; }}
+{_LIVE_JOBS.replace('echo "MLLM_BUSY $f";', 'echo "MLLM_BUSY $f"; exit ' + str(BUSY_EXIT) + ';')}
+[ ! -e {run} ] || {{ echo "MLLM_BUSY {run} exists"; exit {BUSY_EXIT}; }}
 mkdir -p {run}/{contracts.LOGS_DIR}
-cat > {run}/{worker_file(k, "sh")} <<'MLLM_JOB_EOF'
-{job}MLLM_JOB_EOF
+cat > {run}/{worker_file(k, "sh")}
 {_CLEAR_STALE_TPU_LOCK}
-ln -sfn {shlex.quote(spec.run_id)} {RUNS}/{contracts.LATEST}
-setsid nohup sh {run}/{worker_file(k, "sh")} > {run}/{worker_log(k)} 2>&1 < /dev/null &
-echo $! > {run}/{worker_file(k, "pid")}""", "starting the job")
+ln -sfn {spec.run_id} {RUNS}/{contracts.LATEST}
+setsid nohup sh {run}/{worker_file(k, "sh")} > {run}/{worker_log(k)} 2>&1 < /dev/null 9>&- &
+echo $! > {run}/{worker_file(k, "pid")}""", stdin=job_script(t, spec, process_id))
+    if code == BUSY_EXIT:
+        what = next((line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("MLLM_BUSY ")), "busy")
+        raise LauncherError(f"{t.label}: not started, a job is already there ({what}): `mllm stop` it or pass --force")
+    if code:
+        raise LauncherError(f"{t.label}: starting the job failed (exit {code}): {out.strip()[-300:]}")
 
 
 # libtpu leaves /tmp/libtpu_lockfile behind when a job dies; it blocks the next one ("TPU
@@ -173,12 +209,12 @@ class WorkerStatus:
 
 
 def status(t: Target, run_id: str) -> WorkerStatus:
-    run = f"{RUNS}/{shlex.quote(run_id)}"
+    run = run_path(run_id)
     k = t.index
     pid = f"{run}/{worker_file(k, 'pid')}"
     code, out = t.sh(f"""cd {t.repo} 2>/dev/null && [ -d {run} ] || {{ echo MISSING; exit 0; }}
-if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then echo RUNNING
-elif [ -f {run}/{worker_file(k, "exit")} ]; then echo "EXITED $(cat {run}/{worker_file(k, "exit")})"
+if [ -f {run}/{worker_file(k, "exit")} ]; then echo "EXITED $(cat {run}/{worker_file(k, "exit")})"
+elif [ -f {pid} ] && kill -0 "-$(cat {pid})" 2>/dev/null; then echo RUNNING
 else echo LOST; fi
 tail -n 200 {run}/{contracts.METRICS_FILE} 2>/dev/null | grep '"train/loss"' | tail -n 1 | sed 's/^/STEP /'
 tail -n 1 {run}/{worker_log(k)} 2>/dev/null | sed 's/^/LAST /'""")
@@ -191,54 +227,118 @@ tail -n 1 {run}/{worker_log(k)} 2>/dev/null | sed 's/^/LAST /'""")
 
 
 def follow(t: Target, run_id: str, on_line: Callable[[str], None], from_line: int = 1,
-           until_exit: bool = True) -> int:
-    """Stream a worker's log from line `from_line`; with `until_exit`, stop when the job ends."""
-    run = f"{RUNS}/{shlex.quote(run_id)}"
+           until_exit: bool = True) -> int | None:
+    """Stream a worker's log from line `from_line` (1-based) to `on_line`.
+
+    With `until_exit`, until the job ends: its exit file exists, or its process group is gone.
+    Returns the job's exit code, or None when it is gone without having written one (lost). On a
+    worker the command also writes a heartbeat to stderr, so that a dead or frozen connection is
+    noticed (`ssh.follow_idle_sec()`): then, and when the stream ends while the job still runs,
+    raises ssh.ConnectionLost. Only complete lines are passed on, so `from_line` = the lines
+    received so far + 1 resumes exactly. A run with no log there is a LauncherError."""
+    missing, running, lost = 3, 4, 5  # the script's exit codes other than 0 (the job ended)
+    run = run_path(run_id)
     k = t.index
-    pid_opt = f'--pid="$(cat {run}/{worker_file(k, "pid")})"' if until_exit else ""
-    return t.stream(f"cd {t.repo} && exec tail -n +{from_line} -F {pid_opt} {run}/{worker_log(k)} 2>/dev/null",
-                    on_line)
+    log, exitf = f"{run}/{worker_log(k)}", f"{run}/{worker_file(k, 'exit')}"
+    alive = '[ -n "$pid" ] && kill -0 -"$pid" 2>/dev/null'  # the job's process group (dash has no `kill --`)
+    remote = isinstance(t, RemoteTarget)
+    idle = ssh.follow_idle_sec() if remote else 0.0
+    # tail reads to the end once more after the process --pid names is gone: that process is a
+    # watcher that lives as long as the job does. Helpers hold neither stdout (the log alone) nor,
+    # but for the heartbeat, stderr: the stream ends when tail does.
+    script = f"""cd {t.repo} 2>/dev/null && [ -f {log} ] || exit {missing}
+pid=$(cat {run}/{worker_file(k, "pid")} 2>/dev/null)
+w=
+"""
+    if until_exit:
+        script += f"""( while [ ! -f {exitf} ] && {alive}; do sleep 0.5; done ) </dev/null >/dev/null 2>&1 &
+w=$!
+tail -n +{int(from_line)} -s 0.5 -F --pid=$w {log} 2>/dev/null </dev/null &
+"""
+    else:
+        script += f"tail -n +{int(from_line)} -F {log} 2>/dev/null </dev/null &\n"
+    script += "t=$!\nh=\n"
+    if remote:  # a write to a connection that is gone fails: then stop tail (and the watcher)
+        beat = max(0.2, min(2.0, idle / 4))
+        script += f"""( trap '' PIPE; while kill -0 $t 2>/dev/null; do echo . >&2 || {{ kill $t $w 2>/dev/null; exit; }}; \
+sleep {beat:g} 2>/dev/null; done ) </dev/null >/dev/null &
+h=$!
+"""
+    script += f"""wait $t
+kill $w $h 2>/dev/null
+if [ -f {exitf} ]; then
+  [ -z "$(tail -c 1 {log})" ] || echo  # end a last line that has no newline yet
+  exit 0
+fi
+{alive} && exit {running}
+exit {lost}"""
+    if remote:
+        code = ssh.run(t.conns, t.worker, f"sh -c {shlex.quote(script)}", on_line, idle_timeout=idle)
+    else:
+        code = t.stream(script, on_line)
+    if code == missing:
+        raise LauncherError(f"{t.label}: no run {run_id} there ({RUNS}/{run_id}/{worker_log(k)} is missing)")
+    if code == running:
+        raise ssh.ConnectionLost("the log stream ended while the job runs")
+    if code == lost:
+        return None
+    if code != 0:
+        raise ssh.ConnectionLost(f"the follow command ended with exit code {code}")
+    try:
+        found = exit_code(t, run_id)
+    except ssh.TRANSPORT_ERRORS as e:
+        raise ssh.ConnectionLost(f"reading the exit code: {e or type(e).__name__}") from None
+    return found if found is not None else 1
 
 
 def read_log(t: Target, run_id: str) -> str:
     """The job's log on one target so far."""
-    code, out = t.sh(f"cat {t.repo}/{RUNS}/{shlex.quote(run_id)}/{worker_log(t.index)}")
+    code, out = t.sh(f"cat {t.repo}/{run_path(run_id)}/{worker_log(t.index)}")
     if code:
         raise LauncherError(f"{t.label}: no log for run {run_id}")
     return out
 
 
 def exit_code(t: Target, run_id: str) -> int | None:
-    code, out = t.sh(f"cat {t.repo}/{RUNS}/{shlex.quote(run_id)}/{worker_file(t.index, 'exit')} 2>/dev/null")
+    code, out = t.sh(f"cat {t.repo}/{run_path(run_id)}/{worker_file(t.index, 'exit')} 2>/dev/null")
     return int(out.strip()) if code == 0 and out.strip().lstrip("-").isdigit() else None
 
 
 def stop(t: Target, run_id: str, grace: float = STOP_GRACE_SEC) -> str:
-    """TERM the job (the trainer checkpoints and exits), then KILL its whole session after
-    `grace` seconds; the exit file is written either way."""
-    run = f"{RUNS}/{shlex.quote(run_id)}"
+    """TERM the job's whole process group (the trainer checkpoints and exits), then KILL the
+    group after `grace` seconds; the exit file is written either way (if the wrapper that
+    writes it is gone, a killed job gets EXIT_KILLED)."""
+    run = run_path(run_id)
     k = t.index
+    exitf = f"{run}/{worker_file(k, 'exit')}"
     out = _checked(t, f"""cd {t.repo}
 pidf={run}/{worker_file(k, "pid")}
 [ -f $pidf ] || {{ echo "no job"; exit 0; }}
 pid=$(cat $pidf)
-kill -0 $pid 2>/dev/null || {{ echo "not running"; exit 0; }}
-kill -TERM $pid
+kill -0 -$pid 2>/dev/null || {{ echo "not running"; exit 0; }}
+kill -TERM -$pid
 i=0
-while kill -0 $pid 2>/dev/null && [ $i -lt {int(grace * 10)} ]; do sleep 0.1; i=$((i+1)); done
-if kill -0 $pid 2>/dev/null; then
-  kill -KILL -$pid 2>/dev/null; kill -KILL $pid 2>/dev/null
-  [ -f {run}/{worker_file(k, "exit")} ] || echo {contracts.EXIT_KILLED} > {run}/{worker_file(k, "exit")}
+while kill -0 -$pid 2>/dev/null && [ $i -lt {int(grace * 10)} ]; do sleep 0.1; i=$((i+1)); done
+if kill -0 -$pid 2>/dev/null; then
+  kill -KILL -$pid 2>/dev/null
+  while kill -0 -$pid 2>/dev/null; do sleep 0.1; done
+  [ -f {exitf} ] || echo {contracts.EXIT_KILLED} > {exitf}
   echo killed
+elif [ -f {exitf} ]; then
+  echo "stopped (exit $(cat {exitf}))"
 else
-  echo "stopped (exit $(cat {run}/{worker_file(k, "exit")} 2>/dev/null))"
+  echo "stopped (its wrapper was gone, so no exit code was recorded)"
 fi""", "stopping the job")
     return out.strip().splitlines()[-1]
 
 
 def latest_run(t: Target) -> str:
+    """The run `runs/latest` names on the target; a link that is not a plain run id (a worker
+    could point it anywhere) is refused, so a worker never chooses a path on the laptop."""
     code, out = t.sh(f"readlink {t.repo}/{RUNS}/{contracts.LATEST}")
     if code or not out.strip():
         raise LauncherError(f"{t.label}: no runs yet ({RUNS}/{contracts.LATEST} is missing); launch one first")
-    return out.strip()
-
+    found = out.strip()
+    if not contracts.is_run_id(found):
+        raise LauncherError(f"{t.label}: {RUNS}/{contracts.LATEST} points at {found!r}, not a run id; name the run")
+    return found

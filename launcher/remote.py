@@ -3,11 +3,14 @@ versions. Plain functions over `ssh.Connections`, one worker at a time (callers 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import importlib.metadata as md
 import io
 import json
 import platform
+import posixpath
 import re
 import shlex
 import sys
@@ -19,7 +22,9 @@ from dotenv import dotenv_values
 
 from launcher import ssh
 from launcher.errors import LauncherError
+from mllm_jax.config import ConfigError
 from mllm_jax.contracts import DEFAULT_VENV, INSTALL_RECORD, PYTHON_RECORD, REMOTE_REPO
+from mllm_jax.config import read_text_file
 
 DISTRIBUTION = "mllm-jax"  # this project on PyPI terms: its requirements are the workers' pins
 
@@ -33,7 +38,11 @@ def normalized_env(path: Path) -> tuple[bytes, list[str]]:
     """The env file with CRs and trailing blanks stripped, and its key names (values unread)."""
     if not path.is_file():
         raise LauncherError(f"--src {path}: env file not found")
-    lines = [line.rstrip() for line in path.read_text().replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    try:
+        raw = read_text_file(path)  # the trainer's reader: a binary file is refused the same way
+    except ConfigError as e:
+        raise LauncherError(f"--src {e}") from None
+    lines = [line.rstrip() for line in raw.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     text = "\n".join(lines).strip("\n") + "\n"
     keys = [k for k, v in dotenv_values(stream=io.StringIO(text), interpolate=False).items() if v is not None]
     if not keys:
@@ -42,10 +51,11 @@ def normalized_env(path: Path) -> tuple[bytes, list[str]]:
 
 
 def push_env(conns: ssh.Connections, w: ssh.Worker, content: bytes, dest: str) -> None:
-    """Write the env file over SFTP with mode 0600 (never via a command line), then verify it."""
+    """Write the env file over SFTP with mode 0600 (never via a command line), then verify it.
+    A `dest` that cannot be written there (e.g. its directory is missing) is a LauncherError."""
     sftp = conns.client(w).open_sftp()
+    tmp = f"{dest}.mllm-tmp"
     try:
-        tmp = f"{dest}.mllm-tmp"
         with sftp.open(tmp, "wb") as f:
             f.chmod(0o600)
             f.write(content)
@@ -54,6 +64,12 @@ def push_env(conns: ssh.Connections, w: ssh.Worker, content: bytes, dest: str) -
         with sftp.open(dest, "rb") as f:
             back = f.read()
         mode = sftp.stat(dest).st_mode & 0o777
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            sftp.remove(tmp)
+        why = (f"no directory {posixpath.dirname(dest) or '.'}" if e.errno == errno.ENOENT
+               else e.strerror or str(e))
+        raise LauncherError(f"--dest {dest}: cannot write it on worker {w.index} ({why})") from None
     finally:
         sftp.close()
     if hashlib.sha256(back).digest() != hashlib.sha256(content).digest() or mode != 0o600:

@@ -3,31 +3,62 @@
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from pathlib import Path
 from typing import Any
 
 from launcher import state
 from launcher.errors import LauncherError
-from launcher.jobs import Target
+from launcher.jobs import Target, run_path
 from mllm_jax.contracts import CONFIG_FILE, METRICS_FILE, RUNS_DIR, SUMMARY_FILE
 
 FETCHED = (SUMMARY_FILE, CONFIG_FILE, METRICS_FILE)
 
 
 def fetch(t: Target, run_id: str, dest: Path) -> dict[str, Any]:
-    """Copy the run's summary, resolved config and metrics into dest/<run id>/; returns the summary."""
-    out_dir = dest / run_id
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Copy the run's summary, resolved config and metrics into dest/<run id>/; returns the summary.
+
+    The local path comes from the validated run id alone (never from the worker), and nothing is
+    created until the summary has arrived and parsed."""
+    run = run_path(run_id)
+    if dest.exists() and not dest.is_dir():
+        raise LauncherError(f"--dest {dest}: exists and is not a directory")
+    texts: dict[str, str] = {}
     for name in FETCHED:
-        code, text = t.sh(f"cat {t.repo}/{RUNS_DIR}/{shlex.quote(run_id)}/{name}")
-        if code:
-            if name == SUMMARY_FILE:
-                raise LauncherError(f"{t.label}: {RUNS_DIR}/{run_id}/{SUMMARY_FILE} not found (is the run still starting?)")
-            continue
-        (out_dir / name).write_text(text + ("\n" if text and not text.endswith("\n") else ""))
-    return json.loads((out_dir / SUMMARY_FILE).read_text())
+        code, text = t.sh(f"cat {t.repo}/{run}/{name}")
+        if code == 0:
+            texts[name] = text + ("\n" if text and not text.endswith("\n") else "")
+        elif name == SUMMARY_FILE:
+            raise LauncherError(f"{t.label}: {run}/{SUMMARY_FILE} not found (is the run still starting?)")
+    summary = parse_summary(texts[SUMMARY_FILE], f"{t.label}: {run}/{SUMMARY_FILE}")
+    out_dir = dest / run_id
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            (out_dir / name).write_text(text)
+    except OSError as e:
+        raise LauncherError(f"--dest {dest}: cannot write {e.filename or out_dir} ({e.strerror})") from None
+    return summary
+
+
+def read_local(run_id: str, runs_dir: Path = Path(RUNS_DIR)) -> dict[str, Any]:
+    """A local run's summary (its files are already here)."""
+    path = Path(runs_dir) / run_path(run_id).split("/", 1)[1] / SUMMARY_FILE
+    try:
+        text = path.read_text()
+    except OSError:
+        raise LauncherError(f"{path}: not found (is the run still starting, or is the run id wrong?)") from None
+    return parse_summary(text, str(path))
+
+
+def parse_summary(text: str, where: str) -> dict[str, Any]:
+    try:
+        summary = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LauncherError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(summary, dict):
+        raise LauncherError(f"{where}: expected a JSON object")
+    return summary
 
 
 def _index_path() -> Path:
@@ -60,10 +91,14 @@ def record(run_id: str, summary: dict[str, Any], vm: str | None, zone: str | Non
 
 
 def load_index() -> dict[str, dict[str, Any]]:
-    try:
-        return json.loads(_index_path().read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+    """Run id -> index entry (as `record` writes them); a file of another shape is a
+    LauncherError naming it."""
+    index = state.read_json_object(_index_path())
+    shown = {"run", "vm", "recipe", "commit", "status", "eval_loss", "wandb"}  # what `mllm runs` prints
+    for run_id, entry in index.items():
+        if not isinstance(entry, dict) or not shown <= entry.keys():
+            raise LauncherError(f"{_index_path()}: entry {run_id!r} is not a run record; fix or delete the file")
+    return index
 
 
 def describe(run_id: str, summary: dict[str, Any], entry: dict[str, Any]) -> list[str]:

@@ -4,6 +4,7 @@ worker, keepalives, connect retries, and parallel fan-out with `[wK]`-prefixed o
 from __future__ import annotations
 
 import base64
+import os
 import socket
 import threading
 import time
@@ -34,13 +35,16 @@ class Worker:
 
 
 def select_workers(workers: list[Worker], spec: str) -> list[Worker]:
-    """`all`, `0` or `1,3` -> those workers; an index out of range is an error."""
+    """`all`, `0` or `1,3` -> those workers; an empty selection (`''`, `,`) or an index out of
+    range is an error."""
     if spec == "all":
         return workers
     try:
         wanted = [int(p) for p in spec.split(",") if p.strip()]
     except ValueError:
-        raise LauncherError(f"--worker {spec!r}: expected 'all', an index such as 0, or a list such as 1,3") from None
+        wanted = []
+    if not wanted:
+        raise LauncherError(f"--worker {spec!r}: expected 'all', an index such as 0, or a list such as 1,3")
     for i in wanted:
         if not 0 <= i < len(workers):
             raise LauncherError(f"--worker {i}: out of range, the VM has {len(workers)} worker(s) (0..{len(workers) - 1})")
@@ -59,8 +63,38 @@ class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
         client.save_host_keys(str(self.path))
 
 
+class ConnectionLost(LauncherError):
+    """A worker's connection is gone: it closed or went silent mid-command (`run` with an
+    `idle_timeout`), or it cannot be opened. The cached connection is dropped, so the next call
+    opens a fresh one."""
+
+
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, paramiko.SSHException)
+"""What paramiko raises when a connection breaks under a call."""
+
+FOLLOW_IDLE_SEC = 10.0
+"""A watched stream (`run(..., idle_timeout=...)`, e.g. `mllm logs -f`) with no output and no
+heartbeat for this long is a dead connection; `MLLM_FOLLOW_IDLE_SEC` overrides it."""
+ENV_FOLLOW_IDLE = "MLLM_FOLLOW_IDLE_SEC"
+
+
+def follow_idle_sec() -> float:
+    """FOLLOW_IDLE_SEC, or `$MLLM_FOLLOW_IDLE_SEC` (seconds > 0)."""
+    text = os.environ.get(ENV_FOLLOW_IDLE, "").strip()
+    if not text:
+        return FOLLOW_IDLE_SEC
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise LauncherError(f"{ENV_FOLLOW_IDLE}={text!r}: expected a number of seconds > 0")
+    return value
+
+
 class Connections:
-    """One SSH connection per worker, opened on first use and reused for the whole command."""
+    """One SSH connection per worker, opened on first use and reused for the whole command;
+    `drop(worker)` forgets a broken one."""
 
     def __init__(self, user: str, key_file: Path, known_hosts: Path, retries: int = 4, timeout: float = 20):
         self.user, self.key_file, self.known_hosts = user, key_file, known_hosts
@@ -112,7 +146,20 @@ class Connections:
             if attempt < self.retries:
                 time.sleep(delay)
                 delay *= 2
-        raise LauncherError(f"worker {w.index} ({w.host}:{w.port}): cannot connect ({error})")
+        raise ConnectionLost(f"worker {w.index} ({w.host}:{w.port}): cannot connect ({error})")
+
+    def drop(self, w: Worker, client: paramiko.SSHClient | None = None) -> None:
+        """Close and forget the worker's connection (only if it is still `client`, when given),
+        so the next call opens a fresh one."""
+        with self._lock:
+            cached = self._clients.get((w.host, w.port))
+            if cached is None or (client is not None and cached is not client):
+                return
+            del self._clients[(w.host, w.port)]
+        try:
+            cached.close()
+        except Exception:  # noqa: BLE001 - it is broken already; closing is best effort
+            pass
 
     def close(self) -> None:
         for client in self._clients.values():
@@ -136,33 +183,68 @@ def emit(label: str, line: str) -> None:
 
 
 def run(conns: Connections, w: Worker, command: str, on_line: Callable[[str], None] | None = None,
-        cancel: threading.Event | None = None) -> int:
+        cancel: threading.Event | None = None, idle_timeout: float | None = None) -> int:
     """Run `command` (a shell string) on one worker, streaming its combined output line by line
-    (to `on_line`, or to stdout prefixed with `[wK]`)."""
+    (to `on_line`, or to stdout prefixed with `[wK]`).
+
+    With `idle_timeout` (a watched stream, for a command that writes a heartbeat to stderr while
+    it runs): stdout alone is the output, stderr only shows that the connection is alive. No data
+    on either for `idle_timeout` seconds, or the connection closing under the command (no exit
+    status), drops the worker's connection and raises ConnectionLost; only complete lines are
+    passed on (a last line without a newline is not), so a caller can count what it got."""
     sink = on_line or (lambda line: emit(w.label, line))
-    chan = conns.client(w).get_transport().open_session()
-    chan.set_combine_stderr(True)
-    chan.exec_command(command)
+    if idle_timeout is None:
+        chan = conns.client(w).get_transport().open_session()
+        chan.set_combine_stderr(True)
+        chan.exec_command(command)
+    else:
+        client = conns.client(w)
+        try:
+            chan = client.get_transport().open_session()
+            chan.exec_command(command)
+        except (*TRANSPORT_ERRORS, AttributeError) as e:  # AttributeError: no transport any more
+            conns.drop(w, client)
+            raise ConnectionLost(f"cannot start the command: {e or type(e).__name__}") from None
     chan.settimeout(0.2)
     pending = b""
+    heard = time.monotonic()
     # Read to EOF, not to the exit status: sshd may report the exit before the last output.
     while True:
         if cancel is not None and cancel.is_set():
             chan.close()
             return 130
+        if idle_timeout is not None:
+            while chan.recv_stderr_ready() and chan.recv_stderr(65536):
+                heard = time.monotonic()  # a heartbeat: proof of life, not output
         try:
             data = chan.recv(65536)
         except socket.timeout:
+            if idle_timeout is not None and time.monotonic() - heard > idle_timeout:
+                conns.drop(w, client)
+                raise ConnectionLost(f"no output or heartbeat for {idle_timeout:g}s") from None
             continue
         if not data:
             break
+        heard = time.monotonic()
         pending += data
         *lines, pending = pending.split(b"\n")
         for raw in lines:
             sink(raw.decode(errors="replace").rstrip("\r"))
-    if pending:
-        sink(pending.decode(errors="replace").rstrip("\r"))
-    return chan.recv_exit_status()
+    if idle_timeout is None:
+        if pending:
+            sink(pending.decode(errors="replace").rstrip("\r"))
+        return chan.recv_exit_status()
+    # EOF: the command's end (an exit status follows), or the connection's (none ever comes).
+    deadline = time.monotonic() + idle_timeout
+    while not chan.exit_status_ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if chan.exit_status_ready() and chan.exit_status != -1:
+        return chan.exit_status
+    transport = client.get_transport()
+    if transport is None or not transport.is_active() or not chan.exit_status_ready():
+        conns.drop(w, client)
+        raise ConnectionLost("the connection closed")
+    raise ConnectionLost("the command ended without an exit status")
 
 
 def capture(conns: Connections, w: Worker, command: str) -> tuple[int, str]:
@@ -194,3 +276,17 @@ def exec_all(conns: Connections, workers: list[Worker], command: str, fail_fast:
 
     codes = fan_out(workers, one)
     return first_failure[0] if first_failure else max(codes.values(), default=0)
+
+
+def capture_input(conns: Connections, w: Worker, command: str, data: bytes) -> tuple[int, str]:
+    """Run `command` on one worker with `data` as its stdin (a file's content travels as data,
+    never inside the command); (exit code, combined output)."""
+    chan = conns.client(w).get_transport().open_session()
+    chan.set_combine_stderr(True)
+    chan.exec_command(command)
+    chan.sendall(data)
+    chan.shutdown_write()
+    out = b""
+    while chunk := chan.recv(65536):
+        out += chunk
+    return chan.recv_exit_status(), out.decode(errors="replace").rstrip("\n")

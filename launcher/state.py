@@ -17,11 +17,28 @@ def _path() -> Path:
     return STATE_DIR / "state.json"
 
 
-def load() -> dict[str, str]:
+def read_json_object(path: Path) -> dict:
+    """A JSON object file of the state dir ({} when it does not exist); garbage or another
+    shape is a LauncherError naming the file, which the user can fix or delete."""
     try:
-        return json.loads(_path().read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        why = e.strerror if isinstance(e, OSError) else "not valid JSON"
+        raise LauncherError(f"{path}: {why}; fix or delete it") from None
+    if not isinstance(data, dict):
+        raise LauncherError(f"{path}: expected a JSON object, got {type(data).__name__}; fix or delete it")
+    return data
+
+
+def load() -> dict[str, str]:
+    """The remembered values: a JSON object of vm / zone / project strings."""
+    data = read_json_object(_path())
+    for key, value in data.items():
+        if key in _ENV and not isinstance(value, str):
+            raise LauncherError(f"{_path()}: {key} must be a string, got {value!r}; fix or delete it")
+    return data
 
 
 def ensure_dir() -> Path:

@@ -31,6 +31,7 @@ import paramiko
 from launcher import ssh
 from launcher.errors import LauncherError
 from launcher.ssh import Connections, Worker
+from mllm_jax import contracts
 from mllm_jax.contracts import REMOTE_REPO
 
 SYNCED_REF = "refs/mllm/synced"  # on the worker: the commit it last received
@@ -111,6 +112,8 @@ def resolve_commit(repo: Path, ref: str = "HEAD", include_dirty: bool = False) -
         raise LauncherError(f"{repo}: not a git repository ({_one_line(top.stderr)})")
     if not ref:
         raise LauncherError("--ref: empty")
+    if contracts.control_chars(ref):
+        raise LauncherError(f"--ref {ref!r}: control characters are not allowed in a ref")
     found = _git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}", check=False)
     sha = found.stdout.strip()
     if found.returncode != 0 or not _SHA.fullmatch(sha):

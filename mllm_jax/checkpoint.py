@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from mllm_jax.config import ConfigError
+
+
+def space_short(directory: str, state: Any) -> str | None:
+    """Why one more checkpoint of `state` would not fit on the local disk of `directory` (None:
+    it fits, or it is a bucket). Checked before each save: orbax's writers fail noisily mid-save."""
+    if "://" in directory:
+        return None
+    need = int(1.1 * sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")))
+    place = Path(directory)
+    while not place.exists():
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if free >= need:
+        return None
+    return f"{directory}: a checkpoint needs about {need / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free"
 
 
 class Checkpointer:
@@ -17,18 +36,42 @@ class Checkpointer:
         self.every = every
         self.directory = directory if "://" in directory else str(Path(directory).absolute())
         self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_handlers=ocp.StandardCheckpointHandler())  # known before any save: metadata of old steps
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def maybe_save(self, step: int, state: Any, force: bool = False) -> bool:
-        """Save when `step` is on the interval (or `force`); saving is asynchronous."""
+        """Save when `step` is on the interval (or `force`); saving is asynchronous. A disk too
+        full for it raises OSError(ENOSPC) before anything is written."""
         if not force and (self.every <= 0 or step % self.every):
             return False
         if step in self.manager.all_steps():
             return False
+        short = space_short(self.directory, state)
+        if short:
+            raise OSError(errno.ENOSPC, f"No space left on device: {short}")
         return self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+    def check_compatible(self, step: int, like: Any) -> None:
+        """Refuse, in one line and before anything is restored or written, a checkpoint whose
+        tree or array shapes differ from the live state (e.g. a resume with another model size)."""
+        def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+            leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+            return {jax.tree_util.keystr(p, simple=True, separator="."): tuple(x.shape) for p, x in leaves}
+
+        saved, live = shapes(self.manager.item_metadata(step).tree), shapes(like)
+        if saved == live:
+            return
+        where = f"checkpoint {step} in {self.directory}"
+        missing, extra = sorted(set(saved) - set(live)), sorted(set(live) - set(saved))
+        if missing or extra:
+            raise ConfigError(f"{where} does not fit this config: the checkpoint has {', '.join(missing[:3]) or '-'} "
+                              f"that the model lacks, the model has {', '.join(extra[:3]) or '-'} that it lacks")
+        diff = [k for k in saved if saved[k] != live[k]]
+        raise ConfigError(f"{where} does not fit this config: {len(diff)} array(s) differ in shape, e.g. {diff[0]} "
+                          f"is {saved[diff[0]]} there and {live[diff[0]]} here (same model settings as that run?)")
 
     def restore(self, step: int, like: Any) -> Any:
         """Restore `step` with the shapes, dtypes and shardings of the live state `like`."""

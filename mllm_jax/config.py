@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
+
+from mllm_jax.contracts import control_chars
 
 
 class ConfigError(ValueError):
@@ -56,7 +59,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=100")
-        _assign(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else None)
+        if control_chars(item):
+            raise ConfigError(f"--set {item!r}: control characters ({', '.join(control_chars(item))}) are not "
+                              "allowed; give one KEY=VALUE per --set")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_first_line(e)}); "
+                              "quote a string, e.g. key='[1, 2'") from None
+        _assign(raw, key.strip().split("."), parsed)
     return _build(cls, raw, prefix="")
 
 
@@ -65,10 +76,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    text = read_text_file(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     base = data.pop("base", None)
@@ -77,6 +89,25 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     merged = _read_yaml(path.parent / str(base), seen + (path.resolve(),))
     _merge(merged, data)
     return merged
+
+
+def read_text_file(path: str | Path) -> str:
+    """A file the user named (config, data, env file), as UTF-8 text. A binary file (not UTF-8,
+    or with NUL bytes) or an unreadable one is a ConfigError whose message starts with the path,
+    so that callers may put their key or flag in front."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    if "\0" in text:
+        raise ConfigError(f"{path}: not a text file (it has NUL bytes)")
+    return text
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).split("\n")[0].split())
 
 
 def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
@@ -161,13 +192,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `3e-4` as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `3e-4` as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # NaN passes every bound check and trains to NaN
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -6,6 +6,7 @@ never JAX.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal, TypedDict
 
@@ -33,6 +34,20 @@ RUN_ID_TIME = "%Y%m%d-%H%M%S"
 def run_id(recipe: str, sha: str, when: float | None = None) -> str:
     """A new run's id: recipe, UTC time (`when`, default now) and the commit's short sha."""
     return f"{recipe}-{time.strftime(RUN_ID_TIME, time.gmtime(time.time() if when is None else when))}-{sha[:7]}"
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def is_run_id(text: str) -> bool:
+    """Whether `text` can name a run: one path component of letters, digits, `.`, `_` and `-`
+    (never `..`, `/` or a control character), so that it is safe in a path and a shell word."""
+    return bool(_RUN_ID.fullmatch(text)) and ".." not in text
+
+
+def control_chars(text: str) -> list[str]:
+    """The control characters (newline, tab, escape, ...) in user text that must stay one line."""
+    return sorted({repr(c) for c in text if ord(c) < 32 or ord(c) == 127})
 
 
 def worker_log(k: int) -> str:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import jax
 import optax
 
-from mllm_jax.config import NonNegativeFloat, NonNegativeInt, PositiveFloat
+from mllm_jax.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat
 
 
 @dataclass
@@ -26,6 +26,13 @@ class OptimizerConfig:
     beta2: float = 0.999
     grad_clip: NonNegativeFloat = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
+
+    def validate(self) -> None:
+        """The betas are decay rates: in [0, 1)."""
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"train.{name}: expected a number in [0, 1), got {value!r}")
 
     def build(self, schedule: optax.Schedule) -> optax.GradientTransformation:
         return optimizer(self.optimizer, schedule, self.beta1, self.beta2, self.weight_decay, self.grad_clip)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -17,8 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mllm_jax.config import ConfigError
-from mllm_jax.contracts import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from mllm_jax.config import ConfigError, PositiveInt
+from mllm_jax.contracts import EXIT_CRASHED, ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
 MESH_AXES = ("dp", "fsdp", "tp")
 # The axes a batch is split over: every data-parallel replica gets its own rows.
@@ -35,6 +37,9 @@ class JaxConfig:
     """Activations and matmuls."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Stored parameters and optimizer state."""
+    distributed_timeout_sec: PositiveInt = 300
+    """A run of several processes: give up (one clear line, exit 1) when they have not all
+    joined process 0's coordinator after this long, instead of hanging."""
 
     def validate(self) -> None:
         parse_mesh_shape(self.mesh_shape)
@@ -61,7 +66,7 @@ def tune_host_allocator() -> None:
     libc.mallopt(m_top_pad, 64 << 20)
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_sec: int = 300) -> None:
     """Join the other processes of this run, if the launcher started several.
 
     Reads MLLM_COORDINATOR_ADDRESS (host:port of process 0), MLLM_NUM_PROCESSES and
@@ -81,7 +86,21 @@ def init_distributed() -> None:
     if not 0 <= process_id < num_processes:
         raise ConfigError(f"{ENV_PROCESS_ID}={process_id} is outside 0..{num_processes - 1}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    # JAX itself aborts with a C++ stack trace at its own deadline: say what happened first.
+    def give_up() -> None:
+        print(f"error: jax.distributed: process {process_id} of {num_processes} could not join the coordinator "
+              f"at {coordinator} within {timeout_sec} s (is every worker running this commit, and is the port "
+              f"reachable from here? see jax.distributed_timeout_sec)", file=sys.stderr, flush=True)
+        os._exit(EXIT_CRASHED)
+
+    watchdog = threading.Timer(timeout_sec, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=timeout_sec + 60)
+    finally:
+        watchdog.cancel()
 
 
 def parse_mesh_shape(spec: str) -> dict[str, int]:

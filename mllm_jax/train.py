@@ -6,14 +6,18 @@ Both `python -m mllm_jax train` (on a VM) and the laptop's `mllm train` end up i
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from mllm_jax import config as config_lib
+from mllm_jax import contracts
 from mllm_jax.config import ConfigError
-from mllm_jax.contracts import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
+from mllm_jax.contracts import EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_OK, EXIT_STOPPED
 from mllm_jax.recipes import RECIPES
 
 
@@ -30,6 +34,7 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
     if print_config:
         print(config_lib.to_yaml(cfg), end="")
         return EXIT_OK
+    check_output_dir(cfg.output_dir, resume)
     env_path = env_file or (".env" if Path(".env").is_file() else None)
     if env_path:
         from mllm_jax.envfile import load_env_file
@@ -43,7 +48,7 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
     from mllm_jax.tracking import check_wandb_credentials
 
     check_wandb_credentials(cfg.wandb)
-    runtime.init_distributed()  # before anything touches the backend
+    runtime.init_distributed(cfg.jax.distributed_timeout_sec)  # before anything touches the backend
     if jax.process_count() > 1 and not cfg.train.checkpoint_dir:
         raise ConfigError(
             f"train.checkpoint_dir: a run of {jax.process_count()} processes needs a directory every worker "
@@ -61,6 +66,24 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
     return EXIT_OK
 
 
+def check_output_dir(output_dir: str | None, resume: bool) -> None:
+    """Refuse, before anything is built or written, a run dir that cannot be one: a file, a
+    missing dir to --resume, or a place this process cannot write."""
+    path = Path(output_dir or contracts.RUNS_DIR)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir {path}: exists and is not a directory")
+    if resume and output_dir and not path.is_dir():
+        raise ConfigError(f"--resume: output_dir {path} does not exist (give the run dir to continue)")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output_dir {path}: cannot write in {parent} ({e.strerror})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mllm_jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="sft: train, evaluate only, or both (the same as --set run_mode=...)")
     t = sub.add_parser("tiny-model", help="write a tiny random Qwen2 in Hugging Face format (for CPU smoke runs)")
     t.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer.json)")
+    e = sub.add_parser("env-exec", help="run a command with an env file's variables (dotenv parsing, as train's "
+                                        "--env-file; `mllm exec --env-file` uses it: the file is never run as shell)")
+    e.add_argument("env_file")
+    e.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
     args = parser.parse_args(argv)
+    if args.command == "env-exec":
+        return run_cli(lambda: env_exec(args.env_file, args.argv))
     if args.command == "tiny-model":
         from mllm_jax.models.tiny import write_tiny_model
 
@@ -85,6 +114,27 @@ def main(argv: list[str] | None = None) -> int:
     overrides = args.overrides + ([f"run_mode={args.run_mode}"] if args.run_mode else [])
     return run_cli(lambda: train(args.recipe, args.config, overrides, args.resume, args.print_config,
                                  args.env_file))
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC, raised as OSError or wrapped by tensorstore/orbax (`os_error_code='28'`)."""
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
+
+
+def env_exec(env_file: str, command: list[str]) -> int:
+    """Replace this process with `command`, its environment extended by the env file."""
+    from mllm_jax.envfile import load_env_file
+
+    command = command[1:] if command[:1] == ["--"] else command
+    if not command:
+        raise ConfigError("env-exec: no command given (env-exec FILE -- CMD ARGS...)")
+    if not Path(env_file).is_file():
+        raise ConfigError(f"--env-file: file not found: {env_file}")
+    load_env_file(env_file)
+    try:
+        os.execvp(command[0], command)
+    except OSError as e:
+        raise ConfigError(f"{command[0]}: cannot run it ({e.strerror})") from None
 
 
 def run_cli(fn: Callable[[], int]) -> int:
@@ -96,3 +146,12 @@ def run_cli(fn: Callable[[], int]) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        # The run's summary says the rest; leave at once (orbax's writer threads would print
+        # hundreds of lines while the interpreter shuts down under them).
+        print(f"error: no space left on the device ({str(e).splitlines()[0][:300]}); free some and `--resume`",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_CRASHED)

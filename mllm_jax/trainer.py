@@ -20,7 +20,7 @@ import numpy as np
 
 from mllm_jax import config as config_lib
 from mllm_jax import contracts, runtime, summary
-from mllm_jax.checkpoint import Checkpointer
+from mllm_jax.checkpoint import Checkpointer, space_short
 from mllm_jax.config import ConfigError, NonNegativeInt, PositiveInt
 from mllm_jax.tracking import Console, Tracker, format_eta
 
@@ -95,34 +95,69 @@ def resolve_run_dir(recipe: str, output_dir: str | None, resume: bool) -> Path:
 
 class _StopFlag:
     """Set by SIGTERM/SIGINT so the loop can checkpoint and leave cleanly (spot preemption,
-    `mllm stop`, Ctrl-C). A second signal interrupts at once."""
+    `mllm stop`, Ctrl-C). A repeated TERM changes nothing (the checkpoint is on its way; KILL
+    aborts); a second Ctrl-C interrupts at once."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self.previous = {sig: signal.signal(sig, self._set) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _set(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:
+        if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signal = signum
+        self.signal = self.signal or signum
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def any_process(self) -> bool:
-        """Whether any process was asked to stop (all must agree: saving is collective)."""
+    def requested(self, step: int, sync_every: int) -> bool:
+        """Whether to stop after `step`. One process looks at its flag every step (cheap); the
+        processes of a slice agree (saving is collective) at every `sync_every`-th step only."""
         if jax.process_count() == 1:
             return self.signal is not None
+        if step % sync_every:
+            return False
         from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
         return bool(np.any(flags))
 
 
+STOP_SYNC_STEPS = 10
+"""A slice's processes agree on a stop request at every 10th step (and every log step): a
+collective each step would stall the pipeline, and 10 steps stay well inside `mllm stop`'s grace."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a full disk or a kill mid-write leaves the old one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _open_for_resume(directory: str, cfg: LoopConfig) -> tuple[Checkpointer, int]:
+    """The checkpointer of the run to continue and its latest step; refused in one line (and
+    without creating anything) when there is none."""
+    if "://" not in directory and not Path(directory).is_dir():
+        raise ConfigError(f"--resume: no checkpoint directory {directory}")
+    checkpointer = Checkpointer(directory, cfg.checkpoint_every, cfg.keep_checkpoints)
+    step = checkpointer.latest_step()
+    if step is None:
+        checkpointer.close()
+        raise ConfigError(f"--resume: no checkpoint in {directory}")
+    return checkpointer, step
+
+
 def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
     """Train `make_task()` as configured in `info`; returns the run summary (also written to
-    <run dir>/run_summary.json by process 0, on success and on failure)."""
+    <run dir>/run_summary.json by process 0, on success and on failure).
+
+    Nothing is written before the task is built and, on --resume, the checkpoint is found to fit
+    it: bad input (ConfigError) leaves no run dir behind and an earlier run's files untouched."""
     cfg, run_dir = info.config, info.run_dir
     main = jax.process_index() == 0
     started = time.time()
@@ -137,20 +172,36 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
         **summary.hardware(info.mesh),
         "started_at": _iso(started),
     }
+    directory = cfg.train.checkpoint_dir or str(run_dir / contracts.CHECKPOINTS_DIR)
+    checkpointer, resume_step = _open_for_resume(directory, cfg.train) if info.resume else (None, None)
+    try:
+        task = make_task()
+        if checkpointer is not None:
+            checkpointer.check_compatible(resume_step, task.state)
+        short = space_short(directory, task.state)
+        if short:
+            raise ConfigError(f"train.checkpoint_dir {short}; free some space or choose another directory")
+    except BaseException as e:
+        if checkpointer is not None:
+            checkpointer.close()
+        if main and not info.resume and not isinstance(e, ConfigError):  # a crash of a new run is reported
+            result.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=20),
+                          eval_losses=[], best_eval_loss=None, checkpoint_dir=directory, latest_checkpoint_step=None,
+                          wandb={"mode": cfg.wandb.mode}, finished_at=_iso(time.time()),
+                          wall_time_sec=round(time.time() - started, 3))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(run_dir / contracts.SUMMARY_FILE, json.dumps(result, indent=2) + "\n")
+        raise
+    if checkpointer is None:
+        checkpointer = Checkpointer(directory, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / contracts.CONFIG_FILE).write_text(config_lib.to_yaml(cfg))
+        write_atomic(run_dir / contracts.CONFIG_FILE, config_lib.to_yaml(cfg))
         _point_latest(run_dir)
-    checkpointer = Checkpointer(cfg.train.checkpoint_dir or str(run_dir / contracts.CHECKPOINTS_DIR), cfg.train.checkpoint_every,
-                                cfg.train.keep_checkpoints)
-    resume_step = checkpointer.latest_step() if info.resume else None
-    if info.resume and resume_step is None:
-        raise ConfigError(f"--resume: no checkpoint in {checkpointer.directory}")
     tracker = Tracker(run_dir, cfg.wandb, config_lib.to_dict(cfg), active=main, resume_step=resume_step)
     console: Console | None = None
     stop = _StopFlag()
     try:
-        task = make_task()
         console = Console(task.max_steps, resume_step or 0, active=main)
         state = task.state
         if resume_step is not None:
@@ -163,8 +214,7 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
         if not isinstance(e, (ConfigError, KeyboardInterrupt)):
             result["traceback"] = traceback.format_exc(limit=20)
         raise
-    finally:
-        stop.restore()
+    finally:  # signals stay caught until the end: a repeated TERM must not kill the pending save
         if console is not None:
             console.close()
         checkpointer.close()
@@ -181,7 +231,8 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
         )
         tracker.finish(exit_code=0 if result["status"] == "completed" else 1)
         if main:
-            (run_dir / contracts.SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
+            write_atomic(run_dir / contracts.SUMMARY_FILE, json.dumps(result, indent=2) + "\n")
+        stop.restore()
     return cast(contracts.RunSummary, result)
 
 
@@ -218,8 +269,8 @@ def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Co
             t_mark, step_mark, tokens_mark = now, step, 0
             tracker.log(step, values)
             console.print(_log_line(step, max_steps, values, _mean_step_time(step_times)))
-            if stop.any_process():
-                status = "stopped"
+        if stop.requested(step, STOP_SYNC_STEPS if step % cfg.log_every else 1):
+            status = "stopped"
         console.advance(step)
         if status != "stopped" and ((cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps):
             result["eval_metrics"] = _evaluate(task, state, step, tracker, console)

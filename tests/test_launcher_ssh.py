@@ -5,11 +5,12 @@ and pushes secrets over SSH, verifying host keys against the VM's guest attribut
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
 
-from conftest import launcher_env, mllm
+from conftest import REPO, launcher_env, mllm
 from harness.tpu_api import FakeTpuApi
 from harness.tpu_slice import ZONE, Slice
 
@@ -68,7 +69,12 @@ def test_two_worker_lifecycle(tmp_path, hosts):
                  "print(oct(stat.S_IMODE(os.stat('/root/.env').st_mode)), b'\\r' in d, d.endswith(b'  '))")
         mode = run("exec", "--", sys.executable, "-c", probe)
         assert sorted(mode.stdout.splitlines()) == ["[w0] 0o600 False False", "[w1] 0o600 False False"]
+        # --env-file is read by the trainer's dotenv reader, from the synced repo.
+        clone = tmp_path / "checkout"
+        subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+        assert mllm("sync", "--vm", "pair", "--zone", ZONE, cwd=clone, env=env).returncode == 0
         length = run("exec", "--env-file", "/root/.env", "--", "sh", "-c", 'echo "${#WANDB_API_KEY} $WANDB_ENTITY"')
+        assert run("exec", "--", "rm", "-rf", "/root/mllm-jax").returncode == 0  # the next tests need a bare worker
         assert sorted(length.stdout.splitlines()) == [f"[w0] {len(secret)} team", f"[w1] {len(secret)} team"]
         outputs += [created, boot, versions, echo, pushed, mode, length]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mllm_jax.config import ConfigError
+from mllm_jax.config import ConfigError, read_text_file
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -54,6 +54,17 @@ def download(url: str, dest: Path, sha256: str) -> Path:
     return dest
 
 
+def read_text(path: str | Path) -> str:
+    """The corpus file as text; a binary or empty file is refused."""
+    try:
+        text = read_text_file(path)
+    except ConfigError as e:
+        raise ConfigError(f"data.path: {e}; expected a text file") from None
+    if not text:
+        raise ConfigError(f"data.path: {path} is empty; expected a text file")
+    return text
+
+
 class CharDataset:
     """The whole corpus as token ids in memory (a few MB), with its character vocabulary."""
 
@@ -61,7 +72,7 @@ class CharDataset:
         if path is None:
             path = download(TINY_SHAKESPEARE_URL, cache_dir() / "tinyshakespeare" / "input.txt",
                             TINY_SHAKESPEARE_SHA256)
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_text(path)
         self.chars = sorted(set(text))
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         ids = np.array([self.stoi[c] for c in text], dtype=np.int32)
@@ -71,8 +82,8 @@ class CharDataset:
         for name, split in self.splits.items():
             if len(split) <= block_size:
                 raise ConfigError(
-                    f"data.path: the {name} split has {len(split)} characters, fewer than "
-                    f"model.block_size + 1 = {block_size + 1}"
+                    f"data.path: the {name} split of {path} ({'first 90%' if name == 'train' else 'last 10%'}) "
+                    f"has {len(split)} characters, fewer than model.block_size + 1 = {block_size + 1}"
                 )
 
     @property

@@ -25,6 +25,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -190,39 +191,47 @@ class _Row:
 def _read_rows(key: str, path: str, sids: set[str], index_path: str) -> list[_Row]:
     """The (history SIDs, target SID) of every row of a MiniOneRec CSV, each SID checked against the index."""
     p = _require_file(key, path)
+    try:
+        with p.open(encoding="utf-8-sig", newline="") as f:
+            return _parse_rows(csv.reader(f), key, path, sids, index_path)
+    except (UnicodeDecodeError, csv.Error) as e:  # a binary file
+        why = f"byte {e.start} is not UTF-8" if isinstance(e, UnicodeDecodeError) else str(e)
+        raise ConfigError(f"data.{key}: {path} is not a UTF-8 CSV file ({why})") from None
+
+
+def _parse_rows(reader: Iterator[list[str]], key: str, path: str, sids: set[str], index_path: str) -> list[_Row]:
+    """_read_rows's checks, row by row, over an open CSV reader."""
     rows: list[_Row] = []
-    with p.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header:
-            raise ConfigError(f"data.{key}: {path} is empty (expected a header with {HISTORY_COLUMN}, {TARGET_COLUMN})")
-        columns = [c.strip() for c in header]
-        for name in (HISTORY_COLUMN, TARGET_COLUMN):
-            if name not in columns:
-                raise ConfigError(f"data.{key}: {path} has no column {name!r} (columns: {', '.join(columns)})")
-        h_col, t_col = columns.index(HISTORY_COLUMN), columns.index(TARGET_COLUMN)
-        need = max(h_col, t_col) + 1
-        for n, record in enumerate(reader, start=1):
-            where = f"data.{key} row {n}"
-            if not record:
-                continue  # a blank line
-            if len(record) < need:
-                raise ConfigError(f"{where}: expected {len(columns)} fields, got {len(record)} ({path})")
-            cell = record[h_col]
-            try:
-                history = ast.literal_eval(cell)
-            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                history = None
-            if not (isinstance(history, list) and all(isinstance(s, str) for s in history)):
-                raise ConfigError(f"{where}: column {HISTORY_COLUMN!r} is not a Python list of SID strings: "
-                                  f"{_short(cell)} ({path})")
-            target = record[t_col].strip()
-            if not target:
-                raise ConfigError(f"{where}: column {TARGET_COLUMN!r} is empty ({path})")
-            for sid in (*history, target):
-                if sid not in sids:
-                    raise ConfigError(f"{where}: SID {sid!r} is not in data.sid_index_path ({index_path})")
-            rows.append(_Row(history, target))
+    header = next(reader, None)
+    if not header:
+        raise ConfigError(f"data.{key}: {path} is empty (expected a header with {HISTORY_COLUMN}, {TARGET_COLUMN})")
+    columns = [c.strip() for c in header]
+    for name in (HISTORY_COLUMN, TARGET_COLUMN):
+        if name not in columns:
+            raise ConfigError(f"data.{key}: {path} has no column {name!r} (columns: {_short(', '.join(columns))})")
+    h_col, t_col = columns.index(HISTORY_COLUMN), columns.index(TARGET_COLUMN)
+    need = max(h_col, t_col) + 1
+    for n, record in enumerate(reader, start=1):
+        where = f"data.{key} row {n}"
+        if not record:
+            continue  # a blank line
+        if len(record) < need:
+            raise ConfigError(f"{where}: expected {len(columns)} fields, got {len(record)} ({path})")
+        cell = record[h_col]
+        try:
+            history = ast.literal_eval(cell)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            history = None
+        if not (isinstance(history, list) and all(isinstance(s, str) for s in history)):
+            raise ConfigError(f"{where}: column {HISTORY_COLUMN!r} is not a Python list of SID strings: "
+                              f"{_short(cell)} ({path})")
+        target = record[t_col].strip()
+        if not target:
+            raise ConfigError(f"{where}: column {TARGET_COLUMN!r} is empty ({path})")
+        for sid in (*history, target):
+            if sid not in sids:
+                raise ConfigError(f"{where}: SID {sid!r} is not in data.sid_index_path ({index_path})")
+        rows.append(_Row(history, target))
     return rows
 
 

@@ -10,21 +10,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mllm_jax.config import ConfigError, PositiveInt
+
 
 @dataclass
 class GPTConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
+    n_layer: PositiveInt = 4
+    n_head: PositiveInt = 4
+    n_embd: PositiveInt = 128
+    block_size: PositiveInt = 64
     """Context length in tokens."""
     dropout: float = 0.0
     bias: bool = False
     """Biases in Linear and LayerNorm layers (GPT-2 has them; a little better and faster without)."""
 
     def validate(self) -> None:
-        from mllm_jax.config import ConfigError
-
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:

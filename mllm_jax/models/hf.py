@@ -8,9 +8,10 @@ A directory we write loads with `transformers.AutoModelForCausalLM/AutoTokenizer
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jax
@@ -50,12 +51,23 @@ def resolve_model_dir(base_model: str) -> Path:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object file of the model directory; anything else is a one-line ConfigError."""
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected JSON)") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# config.json keys that must be positive integers; the optional ones may also be null.
+_POSITIVE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_OPTIONAL_POSITIVE_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 def load_config(model_dir: str | Path) -> Qwen2Config:
@@ -77,6 +89,12 @@ def load_config(model_dir: str | Path) -> Qwen2Config:
         raise ConfigError(f"{path}: hidden_act {c['hidden_act']!r} is not supported (expected silu)")
     if c.get("use_sliding_window") or c.get("mlp_bias"):
         raise ConfigError(f"{path}: use_sliding_window / mlp_bias are not supported")
+    for key in (*_POSITIVE_KEYS, *_OPTIONAL_POSITIVE_KEYS):
+        value = c.get(key)
+        if key not in c or (value is None and key in _OPTIONAL_POSITIVE_KEYS):
+            continue  # missing: reported below; null: unset
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{path}: {key}: expected a positive integer, got {value!r}")
     try:
         return Qwen2Config(
             vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
@@ -95,7 +113,11 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise ConfigError(f"{path}: file not found (only fast tokenizers, tokenizer.json, are supported)")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{path}: not a valid tokenizer.json ({reason})") from None
 
 
 def eos_token_id(model_dir: str | Path, tokenizer: Tokenizer) -> int:
@@ -103,14 +125,14 @@ def eos_token_id(model_dir: str | Path, tokenizer: Tokenizer) -> int:
     eos_token_id of generation_config.json or config.json (the first, if a list)."""
     model_dir = Path(model_dir)
     tc = model_dir / "tokenizer_config.json"
-    eos = json.loads(tc.read_text()).get("eos_token") if tc.is_file() else None
+    eos = _read_json(tc).get("eos_token") if tc.is_file() else None
     if isinstance(eos, dict):
         eos = eos.get("content")
     if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
         return tokenizer.token_to_id(eos)
     for name in ("generation_config.json", "config.json"):
         path = model_dir / name
-        ids = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        ids = _read_json(path).get("eos_token_id") if path.is_file() else None
         if isinstance(ids, list):
             ids = ids[0] if ids else None
         if isinstance(ids, int):
@@ -145,25 +167,56 @@ def hf_name(path: tuple[str, ...]) -> str:
 
 def _open_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Name -> array of one .safetensors file, memory-mapped: only the slices read are loaded.
-    Our own reader because safetensors' numpy backend cannot return bfloat16."""
+    Our own reader because safetensors' numpy backend cannot return bfloat16. The header is
+    checked against the file's size, so a corrupt or truncated file is a ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found (named by model.safetensors.index.json)")
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{path}: not a valid safetensors file ({why})")
+
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise bad(f"{size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > size - 8:
+            raise bad(f"a header of {n} bytes in a file of {size}: truncated or not safetensors")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
     header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    data_len = size - 8 - n
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if data_len else np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
-        if info["dtype"] not in _DTYPES:
-            raise ConfigError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        out[name] = data[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        try:
+            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {name}: expected dtype, shape and data_offsets") from None
+        if dtype not in _DTYPES:
+            raise ConfigError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end) or min(shape, default=0) < 0:
+            raise bad(f"tensor {name}: bad shape {shape} or data_offsets {[start, end]}")
+        if end > data_len:
+            raise bad(f"tensor {name} ends at byte {end} of {data_len}: the file is truncated")
+        if end - start != math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize:
+            raise bad(f"tensor {name}: {end - start} bytes do not hold shape {shape} of {dtype}")
+        out[name] = data[start:end].view(_DTYPES[dtype]).reshape(shape)
     return out
 
 
 def _read_weights(model_dir: Path) -> dict[str, np.ndarray]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ConfigError(f"{index}: expected a weight_map of weight name -> file name")
+        files = sorted(set(weight_map.values()))
     elif (model_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -191,40 +244,79 @@ def abstract_params(cfg: Qwen2Config):
     return jax.eval_shape(Qwen2(cfg).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 1), np.int32))["params"]
 
 
-def load_params(model_dir: str | Path, cfg: Qwen2Config, mesh: Mesh, param_dtype=np.float32,
-                vocab_size: int | None = None) -> tuple[dict, Qwen2Config]:
-    """The checkpoint's weights as our params, each placed straight into its sharding
-    (a process only reads and transfers its own devices' slices), in param_dtype.
+def _resized(keys: tuple[str, ...]) -> bool:
+    """The embedding and the head: their rows follow the (resized, padded) vocabulary."""
+    return keys[-1] in ("embedding", "kernel") and keys[0] in ("embed_tokens", "lm_head")
 
-    `cfg` is load_config's. `vocab_size` (e.g. the tokenizer's size after add_tokens)
-    resizes the vocabulary like HF resize_token_embeddings (see _resize_rows); by default
-    the checkpoint's. Returns (params, cfg) where cfg has that vocab_size and
-    padded_vocab_size = padded_vocab(vocab_size, mesh)."""
+
+def _param_shape(keys: tuple[str, ...], hf_shape: tuple[int, ...], cfg: Qwen2Config) -> tuple[int, ...]:
+    """The shape our parameter `keys` gets from a Hugging Face weight of `hf_shape`."""
+    shape = tuple(hf_shape)
+    if _resized(keys) and len(shape) == 2:
+        shape = (cfg.padded_vocab_size, shape[1])
+    return shape[::-1] if keys[-1] == "kernel" else shape  # torch Linear (out, in) -> (in, out)
+
+
+@dataclass
+class Weights:
+    """A checkpoint's weights, memory-mapped (nothing read yet) and checked against `cfg`."""
+
+    model_dir: Path
+    arrays: dict[str, np.ndarray]
+    """Hugging Face weight name -> array."""
+    cfg: Qwen2Config
+    """load_config's, with vocab_size and padded_vocab_size set."""
+
+
+def open_weights(model_dir: str | Path, cfg: Qwen2Config, mesh: Mesh, vocab_size: int | None = None) -> Weights:
+    """Open the safetensors of `model_dir` and check that every parameter of `cfg` is there
+    with the shape config.json implies (ConfigError otherwise), without loading them.
+
+    `vocab_size` (e.g. the tokenizer's size after add_tokens) resizes the vocabulary like HF
+    resize_token_embeddings (see _resize_rows); by default the checkpoint's. The returned cfg
+    has that vocab_size and padded_vocab_size = padded_vocab(vocab_size, mesh)."""
     model_dir = Path(model_dir)
-    weights = _read_weights(model_dir)
-    embed = weights.get("model.embed_tokens.weight")
+    arrays = _read_weights(model_dir)
+    embed = arrays.get("model.embed_tokens.weight")
     vocab_size = vocab_size or (len(embed) if embed is not None else cfg.vocab_size)
     cfg = replace(cfg, vocab_size=vocab_size, padded_vocab_size=padded_vocab(vocab_size, mesh))
+    for path, shape in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
+        keys = tuple(str(k.key) for k in path)
+        name = hf_name(keys)
+        if name not in arrays:
+            raise ConfigError(f"{model_dir}: weight {name} not found in the checkpoint")
+        found = _param_shape(keys, arrays[name].shape, cfg)
+        if found != shape.shape:
+            raise ConfigError(f"{model_dir}: weight {name} has shape {found}, config.json implies {shape.shape}")
+    return Weights(model_dir, arrays, cfg)
+
+
+def place_params(weights: Weights, mesh: Mesh, param_dtype=np.float32) -> dict:
+    """The opened weights as our params, each placed straight into its sharding (a process
+    only reads and transfers its own devices' slices), in param_dtype."""
+    cfg = weights.cfg
     shapes = abstract_params(cfg)
-    specs = param_specs(shapes, mesh)
     dtype = np.dtype(param_dtype)
 
     def load(path, shape, spec):
         keys = tuple(str(k.key) for k in path)
-        name = hf_name(keys)
-        if name not in weights:
-            raise ConfigError(f"{model_dir}: weight {name} not found in the checkpoint")
-        w = weights[name]
-        if keys[-1] in ("embedding", "kernel") and keys[0] in ("embed_tokens", "lm_head"):
+        w = weights.arrays[hf_name(keys)]
+        if _resized(keys):
             w = _resize_rows(w, cfg.vocab_size, cfg.padded_vocab_size)
         if keys[-1] == "kernel":
-            w = w.T  # torch Linear (out, in) -> (in, out)
-        if w.shape != shape.shape:
-            raise ConfigError(f"{model_dir}: weight {name} has shape {w.shape}, config.json implies {shape.shape}")
+            w = w.T
         return jax.make_array_from_callback(shape.shape, NamedSharding(mesh, spec),
                                             lambda idx: np.ascontiguousarray(w[idx], dtype=dtype))
 
-    return jax.tree_util.tree_map_with_path(load, shapes, specs), cfg
+    return jax.tree_util.tree_map_with_path(load, shapes, param_specs(shapes, mesh))
+
+
+def load_params(model_dir: str | Path, cfg: Qwen2Config, mesh: Mesh, param_dtype=np.float32,
+                vocab_size: int | None = None) -> tuple[dict, Qwen2Config]:
+    """open_weights then place_params: the checkpoint's weights as our params, and the cfg
+    with vocab_size and padded_vocab_size set (see open_weights)."""
+    weights = open_weights(model_dir, cfg, mesh, vocab_size)
+    return place_params(weights, mesh, param_dtype), weights.cfg
 
 
 def save_pretrained(out_dir: str | Path, params: dict, cfg: Qwen2Config, tokenizer: Tokenizer,

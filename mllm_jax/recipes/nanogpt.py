@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from mllm_jax import optim, runtime
-from mllm_jax.config import NonNegativeInt, PositiveFloat, PositiveInt
+from mllm_jax.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from mllm_jax.optim import OptimizerConfig
 from mllm_jax.contracts import NanoGPTSummary
 from mllm_jax.data.char import CharDataConfig, CharDataset
@@ -34,9 +34,9 @@ class TrainConfig(LoopConfig, OptimizerConfig):
     """Optimizer updates to run in total (a resumed run continues up to this)."""
     global_batch_size: PositiveInt = 12
     """Sequences per update, over all devices and processes."""
-    min_lr: float = 1e-4
+    min_lr: NonNegativeFloat = 1e-4
     """The cosine schedule ends here."""
-    lr_decay_steps: int | None = None
+    lr_decay_steps: PositiveInt | None = None
     """Step at which the cosine reaches min_lr; None = max_steps."""
     eval_iters: PositiveInt = 20
     """Batches per evaluation (the same held-out batches every time)."""
@@ -56,7 +56,7 @@ class SampleConfig:
 class Config:
     output_dir: str | None = None
     """Run directory; None = runs/nanogpt-<UTC time>-<short sha>."""
-    seed: int = 1337
+    seed: NonNegativeInt = 1337
     data: CharDataConfig = field(default_factory=CharDataConfig)
     model: GPTConfig = field(default_factory=GPTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -66,11 +66,12 @@ class Config:
 
 
 class NanoGPTTask:
-    """The trainer's Task for nanoGPT: parameters replicated, batch split over (dp, fsdp)."""
+    """The trainer's Task for nanoGPT: parameters replicated, batch split over (dp, fsdp).
+    `data` is the corpus `build` read and checked (read here when not given)."""
 
-    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh, data: CharDataset | None = None):
         self.cfg, self.mesh = cfg, mesh
-        self.data = CharDataset(cfg.data.path, cfg.model.block_size)
+        self.data = data or CharDataset(cfg.data.path, cfg.model.block_size)
         self.model = GPT(cfg.model, self.data.vocab_size, dtype=jnp.dtype(cfg.jax.compute_dtype),
                          param_dtype=jnp.dtype(cfg.jax.param_dtype))
         t = cfg.train
@@ -168,6 +169,8 @@ def generate(model: GPT, params: Any, prompt: list[int], max_new_tokens: int, te
 
 
 def build(cfg: Config, mesh: jax.sharding.Mesh) -> Callable[[], NanoGPTTask]:
-    """Check what can be checked before the run starts; the returned function builds the Task."""
+    """Check what can be checked before the run starts (the batch, and the data: read here, so
+    a bad file is refused before the run dir exists); the returned function builds the Task."""
     runtime.check_batch(cfg.train.global_batch_size, mesh)
-    return lambda: NanoGPTTask(cfg, mesh)
+    data = CharDataset(cfg.data.path, cfg.model.block_size)
+    return lambda: NanoGPTTask(cfg, mesh, data)

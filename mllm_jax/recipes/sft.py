@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax import optim, runtime
 from mllm_jax.checkpoint import Checkpointer
-from mllm_jax.config import ConfigError, PositiveFloat, PositiveInt
+from mllm_jax.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
 from mllm_jax.optim import OptimizerConfig
 from mllm_jax.contracts import SftSummary
 from mllm_jax.data import sid
@@ -85,7 +85,7 @@ class Config:
     run_mode: Literal["train", "eval", "train_eval"] = "train"
     """train: SFT with the eval loss; train_eval: also the SID evaluation at every evaluation;
     eval: no training, only the evaluation (of base_model, eval.checkpoint, or --resume)."""
-    seed: int = 42
+    seed: NonNegativeInt = 42
     export_hf: bool = True
     """Write the fine-tuned model to <run dir>/hf as HF safetensors + config + tokenizer."""
     data: sid.SidDataConfig = field(default_factory=sid.SidDataConfig)
@@ -110,6 +110,8 @@ class Prepared:
 
     model_dir: Path
     model_cfg: qwen2.Qwen2Config
+    weights: hf.Weights
+    """Opened and checked against model_cfg (memory-mapped: loaded when the Task is built)."""
     tokenizer: Any
     eos_id: int
     token_extension: dict[str, int]
@@ -161,8 +163,7 @@ class SFTTask:
         else:  # run_mode eval: nothing to train, the loop only evaluates
             self.seq, self.steps_per_epoch, self.max_steps = 0, 0, 0
 
-        params, self.model_cfg = hf.load_params(prep.model_dir, prep.model_cfg, mesh, jnp.dtype(cfg.jax.param_dtype),
-                                                vocab_size=prep.token_extension["vocab_size"])
+        params, self.model_cfg = hf.place_params(prep.weights, mesh, jnp.dtype(cfg.jax.param_dtype)), prep.weights.cfg
         self.model = qwen2.Qwen2(self.model_cfg, dtype=jnp.dtype(cfg.jax.compute_dtype),
                                  param_dtype=jnp.dtype(cfg.jax.param_dtype), remat=t.gradient_checkpointing)
         self.schedule = optim.warmup_decay(t.learning_rate, t.warmup_steps, self.max_steps, t.lr_schedule)
@@ -331,6 +332,7 @@ def prepare(cfg: Config, mesh: jax.sharding.Mesh) -> Prepared:
     extension = {"sid_tokens": len(tokens), "added_tokens": added, "tokenizer_size_before": vocab_before,
                  "embedding_rows_before": model_cfg.vocab_size,
                  "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}
+    weights = hf.open_weights(model_dir, model_cfg, mesh, vocab_size=extension["vocab_size"])
     train = None
     if cfg.run_mode != "eval":
         train = sid.tokenize(sid.build_examples(cfg.data, cfg.tasks, "train", cfg.seed), tokenizer, eos_id,
@@ -346,7 +348,7 @@ def prepare(cfg: Config, mesh: jax.sharding.Mesh) -> Prepared:
         trie = build_trie(index, tokenizer, eos_id)
     if cfg.eval.checkpoint and not Path(cfg.eval.checkpoint).is_dir() and "://" not in cfg.eval.checkpoint:
         raise ConfigError(f"eval.checkpoint: directory not found: {cfg.eval.checkpoint}")
-    return Prepared(model_dir, model_cfg, tokenizer, eos_id, extension, train, evals, test, test_ids, trie)
+    return Prepared(model_dir, model_cfg, weights, tokenizer, eos_id, extension, train, evals, test, test_ids, trie)
 
 
 def build(cfg: Config, mesh: jax.sharding.Mesh) -> Callable[[], SFTTask]:
