@@ -19,7 +19,8 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from mllm_jax.config import ConfigError
 from mllm_jax.models import hf
-from mllm_jax.models.qwen2 import MASK_VALUE, Qwen2, flops_per_token, init_cache, num_params, param_specs
+from mllm_jax.models.qwen2 import (MASK_VALUE, Qwen2, chunked_cross_entropy, flops_per_token, init_cache, num_params,
+                                   param_specs)
 from mllm_jax.models.tiny import build_tokenizer, write_tiny_model
 from mllm_jax.runtime import MESH_AXES
 
@@ -125,6 +126,35 @@ def sft_loss(logits, labels):
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
     return jnp.sum(nll * mask) / jnp.sum(mask)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(tmp_path, tied):
+    """The chunked loss (one chunk's logits at a time, recomputed in the backward pass) gives the
+    plain cross entropy's value and every gradient, padded vocab columns and a ragged last chunk
+    included."""
+    model_dir, _ = save_hf(tmp_path, tie_word_embeddings=tied)
+    model, params, cfg = load_ours(model_dir, vocab_size=VOCAB + 13)  # padded vocab columns
+    assert cfg.padded_vocab_size > cfg.vocab_size
+    ids = jnp.asarray(ids_batch(3, (2, 10)))
+    mask = jnp.ones((2, 9), bool).at[0, :4].set(False)
+
+    def plain(p):
+        logits, _ = model.apply({"params": p}, ids)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(mask, nll, 0.0))
+
+    def chunked(p, chunk):
+        hidden, _ = model.apply({"params": p}, ids, hidden_only=True)
+        return chunked_cross_entropy(p, hidden[:, :-1], ids[:, 1:], mask, cfg, model.dtype, chunk)
+
+    want, want_grads = jax.value_and_grad(plain)(params)
+    for chunk in (1, 4, 9, 16):  # 4: a ragged last chunk; 16: one chunk longer than the sequence
+        got, grads = jax.value_and_grad(chunked)(params, chunk)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        flat_want = dict(jax.tree_util.tree_flatten_with_path(want_grads)[0])
+        for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+            np.testing.assert_allclose(g, flat_want[path], rtol=1e-5, atol=1e-6, err_msg=f"{path} chunk {chunk}")
 
 
 @pytest.mark.parametrize("tied", [False, True])

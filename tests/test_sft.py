@@ -95,19 +95,23 @@ def test_bf16_lion_linear_schedule_epochs_and_remat(tiny_qwen2, tmp_path):
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-3 / 5)
 
 
-def test_gradient_accumulation_gives_the_same_update(tiny_qwen2, tmp_path):
+def test_gradient_accumulation_and_the_chunked_loss_give_the_same_update(tiny_qwen2, tmp_path):
     common = ["run_mode=train", "train.global_batch_size=32", "train.max_steps=3", "train.log_every=1",
               "train.eval_every=0", "train.checkpoint_every=0", "export_hf=false", "data.eval_file=''",
               "train.warmup_steps=0"]
     one, one_dir = run_sft(tiny_qwen2, tmp_path, "1x32", *common, "train.per_device_train_batch_size=32")
     four, four_dir = run_sft(tiny_qwen2, tmp_path, "4x8", *common, "train.per_device_train_batch_size=8")
-    assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
+    chunked, chunked_dir = run_sft(tiny_qwen2, tmp_path, "4x8-chunked", *common,
+                                   "train.per_device_train_batch_size=8", "train.loss_chunk_size=7")
+    assert one.returncode == 0 and four.returncode == 0 and chunked.returncode == 0, \
+        one.stderr + four.stderr + chunked.stderr
     assert json.loads((four_dir / "run_summary.json").read_text())["effective_batch"][
         "gradient_accumulation_steps"] == 4
     for name in ("train/loss", "train/grad_norm"):
-        a, b = losses(one_dir, name), losses(four_dir, name)
-        assert a.keys() == b.keys() == {1, 2, 3}
+        a, b, c = losses(one_dir, name), losses(four_dir, name), losses(chunked_dir, name)
+        assert a.keys() == b.keys() == c.keys() == {1, 2, 3}
         np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=2e-5, err_msg=name)
+        np.testing.assert_allclose([c[s] for s in a], [b[s] for s in a], rtol=2e-5, err_msg=name)
 
 
 def test_meshes_give_the_same_loss(tiny_qwen2, tmp_path):

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from mllm_jax.config import ConfigError
-from mllm_jax.models.gpt import Linear
+from mllm_jax.models.gpt import Linear, matmul
 
 # Added to masked logits/attention scores: effectively -inf, but finite, so softmax, its
 # gradient and temperature scaling never produce NaN.
@@ -186,8 +186,11 @@ class Qwen2(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, cache: dict | None = None,
-                 prefix: dict | None = None) -> tuple[jax.Array, dict | None]:
+                 prefix: dict | None = None, hidden_only: bool = False) -> tuple[jax.Array, dict | None]:
         """Token ids (B, T) -> (logits (B, T, padded_vocab_size) float32, updated cache or None).
+
+        `hidden_only`: return the final-norm hidden states (B, T, hidden) instead of the logits,
+        for a loss that applies the head a chunk at a time (`chunked_cross_entropy`).
 
         Attention is always causal (by slot); `attention_mask` marks valid keys, (B, T), or
         (B, max_len) with a cache, e.g. False on left padding. `positions` (B, T) feed the
@@ -232,15 +235,54 @@ class Qwen2(nn.Module):
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = Linear(cfg.padded_vocab_size, False, 0.02, self.dtype, self.param_dtype, name="lm_head")(x)
-        logits = logits.astype(jnp.float32)
-        if cfg.padded_vocab_size > cfg.vocab_size:
-            logits = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, MASK_VALUE)
         new_cache = {"k": new_k, "v": new_v, "index": start + T} if cache is not None else None
-        return logits, new_cache
+        if not cfg.tie_word_embeddings:  # declares lm_head/kernel (on no rows); head_logits applies it
+            Linear(cfg.padded_vocab_size, False, 0.02, self.dtype, self.param_dtype, name="lm_head")(x[:, :0])
+        if hidden_only:
+            return x, new_cache
+        return head_logits(self.variables["params"], x, cfg, self.dtype), new_cache
+
+
+def head_logits(params: dict, hidden: jax.Array, cfg: Qwen2Config, dtype: jnp.dtype) -> jax.Array:
+    """The LM head on final hidden states (tied: the embedding's transpose, as flax's
+    `Embed.attend`), in `dtype`: float32 logits, padded vocab columns masked."""
+    if cfg.tie_word_embeddings:
+        emb = params["embed_tokens"]["embedding"]
+        logits = jnp.dot(hidden.astype(dtype), emb.astype(dtype).T)
+    else:
+        logits = matmul(hidden.astype(dtype), params["lm_head"]["kernel"].astype(dtype))
+    logits = logits.astype(jnp.float32)
+    if cfg.padded_vocab_size > cfg.vocab_size:
+        logits = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, MASK_VALUE)
+    return logits
+
+
+def chunked_cross_entropy(params: dict, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
+                          cfg: Qwen2Config, dtype: jnp.dtype, chunk: int) -> jax.Array:
+    """Summed cross entropy of `targets` (B, T) where `mask`, from hidden states (B, T, hidden),
+    `chunk` positions at a time. Only one chunk's (B, chunk, vocab) float32 logits exist at once
+    (the backward recomputes them per chunk), never the whole sequence's: at Qwen2.5's 152k
+    vocabulary those are most of a training step's memory. Same value and gradients as the
+    plain softmax cross entropy of `head_logits`."""
+    B, T, D = hidden.shape
+    pad = -T % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    n = (T + pad) // chunk
+    xs = (hidden.reshape(B, n, chunk, D).swapaxes(0, 1), targets.reshape(B, n, chunk).swapaxes(0, 1),
+          mask.reshape(B, n, chunk).swapaxes(0, 1))
+
+    @jax.checkpoint
+    def one_chunk(total: jax.Array, x: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        h, y, m = x
+        logits = head_logits(params, h, cfg, dtype)
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        return total + jnp.sum(jnp.where(m, nll, 0.0)), None
+
+    total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32), xs)
+    return total
 
 
 # Sharding rules: the named axes of each weight, by the end of its parameter path.

@@ -55,6 +55,10 @@ class TrainConfig(LoopConfig, OptimizerConfig):
     """Epochs when max_steps is None (the last batch of an epoch may be partial)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass: less memory, ~1/3 more compute."""
+    loss_chunk_size: PositiveInt | None = None
+    """Cross entropy over this many positions at a time: only one chunk's float32 logits
+    (micro-batch x chunk x vocab) exist, not the whole sequence's, recomputed in the backward
+    pass; same loss and gradients. None = all positions at once."""
 
 
 @dataclass
@@ -185,9 +189,15 @@ class SFTTask:
     # --- the math --------------------------------------------------------------------------
     def _nll(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Summed cross entropy of the target tokens (response + EOS) and their count."""
+        mask, targets = batch["loss_mask"][:, 1:], batch["input_ids"][:, 1:]
+        chunk = self.cfg.train.loss_chunk_size
+        if chunk:
+            hidden, _ = self.model.apply({"params": params}, batch["input_ids"], hidden_only=True)
+            total = qwen2.chunked_cross_entropy(params, hidden[:, :-1], targets, mask, self.model_cfg,
+                                                self.model.dtype, chunk)
+            return total, jnp.sum(mask).astype(jnp.float32)
         logits, _ = self.model.apply({"params": params}, batch["input_ids"])
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["input_ids"][:, 1:])
-        mask = batch["loss_mask"][:, 1:]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
         return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask).astype(jnp.float32)
 
     def _update(self, state: dict[str, Any],
