@@ -36,8 +36,10 @@ class Target(Protocol):
     def sh(self, script: str, stdin: str | None = None) -> tuple[int, str]:
         """Run a shell script (with `stdin` as its input, if given); (exit code, combined output)."""
 
-    def stream(self, script: str, on_line: Callable[[str], None]) -> int:
-        """Run a shell script, passing each output line on as it comes."""
+    def stream(self, script: str, on_line: Callable[[str], None], idle_timeout: float | None = None) -> int:
+        """Run a shell script, passing each output line on as it comes. With `idle_timeout`, the
+        script writes a heartbeat to stderr: stdout alone is passed on, and a connection silent
+        for that long raises ssh.ConnectionLost."""
 
 
 @dataclass
@@ -56,13 +58,12 @@ class RemoteTarget:
         return self.worker.label
 
     def sh(self, script: str, stdin: str | None = None) -> tuple[int, str]:
-        command = f"sh -c {shlex.quote(script)}"
-        if stdin is not None:
-            return ssh.capture_input(self.conns, self.worker, command, stdin.encode())
-        return ssh.capture(self.conns, self.worker, command)
+        return ssh.capture(self.conns, self.worker, f"sh -c {shlex.quote(script)}",
+                           stdin=None if stdin is None else stdin.encode())
 
-    def stream(self, script: str, on_line: Callable[[str], None]) -> int:
-        return ssh.run(self.conns, self.worker, f"sh -c {shlex.quote(script)}", on_line=on_line)
+    def stream(self, script: str, on_line: Callable[[str], None], idle_timeout: float | None = None) -> int:
+        return ssh.run(self.conns, self.worker, f"sh -c {shlex.quote(script)}", on_line=on_line,
+                       idle_timeout=idle_timeout)
 
 
 @dataclass
@@ -83,8 +84,10 @@ class LocalTarget:
         out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, input=stdin or "")
         return out.returncode, (out.stdout + out.stderr).rstrip("\n")
 
-    def stream(self, script: str, on_line: Callable[[str], None]) -> int:
-        proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def stream(self, script: str, on_line: Callable[[str], None], idle_timeout: float | None = None) -> int:
+        # No connection to lose here: a heartbeat on stderr is dropped.
+        stderr = subprocess.DEVNULL if idle_timeout is not None else subprocess.STDOUT
+        proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=stderr, text=True)
         for line in proc.stdout:
             on_line(line.rstrip("\n"))
         return proc.wait()
@@ -231,8 +234,8 @@ def follow(t: Target, run_id: str, on_line: Callable[[str], None], from_line: in
     """Stream a worker's log from line `from_line` (1-based) to `on_line`.
 
     With `until_exit`, until the job ends: its exit file exists, or its process group is gone.
-    Returns the job's exit code, or None when it is gone without having written one (lost). On a
-    worker the command also writes a heartbeat to stderr, so that a dead or frozen connection is
+    Returns the job's exit code, or None when it is gone without having written one (lost). The
+    command also writes a heartbeat to stderr, so that a dead or frozen connection is
     noticed (`ssh.follow_idle_sec()`): then, and when the stream ends while the job still runs,
     raises ssh.ConnectionLost. Only complete lines are passed on, so `from_line` = the lines
     received so far + 1 resumes exactly. A run with no log there is a LauncherError."""
@@ -241,8 +244,8 @@ def follow(t: Target, run_id: str, on_line: Callable[[str], None], from_line: in
     k = t.index
     log, exitf = f"{run}/{worker_log(k)}", f"{run}/{worker_file(k, 'exit')}"
     alive = '[ -n "$pid" ] && kill -0 -"$pid" 2>/dev/null'  # the job's process group (dash has no `kill --`)
-    remote = isinstance(t, RemoteTarget)
-    idle = ssh.follow_idle_sec() if remote else 0.0
+    idle = ssh.follow_idle_sec()
+    beat = max(0.2, min(2.0, idle / 4))
     # tail reads to the end once more after the process --pid names is gone: that process is a
     # watcher that lives as long as the job does. Helpers hold neither stdout (the log alone) nor,
     # but for the heartbeat, stderr: the stream ends when tail does.
@@ -257,14 +260,12 @@ tail -n +{int(from_line)} -s 0.5 -F --pid=$w {log} 2>/dev/null </dev/null &
 """
     else:
         script += f"tail -n +{int(from_line)} -F {log} 2>/dev/null </dev/null &\n"
-    script += "t=$!\nh=\n"
-    if remote:  # a write to a connection that is gone fails: then stop tail (and the watcher)
-        beat = max(0.2, min(2.0, idle / 4))
-        script += f"""( trap '' PIPE; while kill -0 $t 2>/dev/null; do echo . >&2 || {{ kill $t $w 2>/dev/null; exit; }}; \
+    # The heartbeat; a write to a connection that is gone fails: then stop tail (and the watcher).
+    script += f"""t=$!
+( trap '' PIPE; while kill -0 $t 2>/dev/null; do echo . >&2 || {{ kill $t $w 2>/dev/null; exit; }}; \
 sleep {beat:g} 2>/dev/null; done ) </dev/null >/dev/null &
 h=$!
-"""
-    script += f"""wait $t
+wait $t
 kill $w $h 2>/dev/null
 if [ -f {exitf} ]; then
   [ -z "$(tail -c 1 {log})" ] || echo  # end a last line that has no newline yet
@@ -272,10 +273,7 @@ if [ -f {exitf} ]; then
 fi
 {alive} && exit {running}
 exit {lost}"""
-    if remote:
-        code = ssh.run(t.conns, t.worker, f"sh -c {shlex.quote(script)}", on_line, idle_timeout=idle)
-    else:
-        code = t.stream(script, on_line)
+    code = t.stream(script, on_line, idle_timeout=idle)
     if code == missing:
         raise LauncherError(f"{t.label}: no run {run_id} there ({RUNS}/{run_id}/{worker_log(k)} is missing)")
     if code == running:

@@ -43,7 +43,8 @@ def fetch(t: Target, run_id: str, dest: Path) -> dict[str, Any]:
 
 def read_local(run_id: str, runs_dir: Path = Path(RUNS_DIR)) -> dict[str, Any]:
     """A local run's summary (its files are already here)."""
-    path = Path(runs_dir) / run_path(run_id).split("/", 1)[1] / SUMMARY_FILE
+    run_path(run_id)  # one safe path component, or a one-line error
+    path = Path(runs_dir) / run_id / SUMMARY_FILE
     try:
         text = path.read_text()
     except OSError:

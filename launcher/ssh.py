@@ -183,9 +183,10 @@ def emit(label: str, line: str) -> None:
 
 
 def run(conns: Connections, w: Worker, command: str, on_line: Callable[[str], None] | None = None,
-        cancel: threading.Event | None = None, idle_timeout: float | None = None) -> int:
+        cancel: threading.Event | None = None, idle_timeout: float | None = None, stdin: bytes | None = None) -> int:
     """Run `command` (a shell string) on one worker, streaming its combined output line by line
-    (to `on_line`, or to stdout prefixed with `[wK]`).
+    (to `on_line`, or to stdout prefixed with `[wK]`). `stdin` is sent as the command's input (a
+    file's content travels as data, never inside the command).
 
     With `idle_timeout` (a watched stream, for a command that writes a heartbeat to stderr while
     it runs): stdout alone is the output, stderr only shows that the connection is alive. No data
@@ -197,6 +198,9 @@ def run(conns: Connections, w: Worker, command: str, on_line: Callable[[str], No
         chan = conns.client(w).get_transport().open_session()
         chan.set_combine_stderr(True)
         chan.exec_command(command)
+        if stdin is not None:
+            chan.sendall(stdin)
+            chan.shutdown_write()
     else:
         client = conns.client(w)
         try:
@@ -247,10 +251,10 @@ def run(conns: Connections, w: Worker, command: str, on_line: Callable[[str], No
     raise ConnectionLost("the command ended without an exit status")
 
 
-def capture(conns: Connections, w: Worker, command: str) -> tuple[int, str]:
-    """Run `command` on one worker and return (exit code, output)."""
+def capture(conns: Connections, w: Worker, command: str, stdin: bytes | None = None) -> tuple[int, str]:
+    """Run `command` on one worker (with `stdin` as its input) and return (exit code, output)."""
     lines: list[str] = []
-    code = run(conns, w, command, on_line=lines.append)
+    code = run(conns, w, command, on_line=lines.append, stdin=stdin)
     return code, "\n".join(lines)
 
 
@@ -277,16 +281,3 @@ def exec_all(conns: Connections, workers: list[Worker], command: str, fail_fast:
     codes = fan_out(workers, one)
     return first_failure[0] if first_failure else max(codes.values(), default=0)
 
-
-def capture_input(conns: Connections, w: Worker, command: str, data: bytes) -> tuple[int, str]:
-    """Run `command` on one worker with `data` as its stdin (a file's content travels as data,
-    never inside the command); (exit code, combined output)."""
-    chan = conns.client(w).get_transport().open_session()
-    chan.set_combine_stderr(True)
-    chan.exec_command(command)
-    chan.sendall(data)
-    chan.shutdown_write()
-    out = b""
-    while chunk := chan.recv(65536):
-        out += chunk
-    return chan.recv_exit_status(), out.decode(errors="replace").rstrip("\n")
