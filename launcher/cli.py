@@ -329,14 +329,36 @@ def launch_cmd(
     follow_logs: bool = typer.Option(False, "--follow", "-f", help="Stream the logs until the job ends; exit with its code."),
     local: Local = False,
     force: bool = typer.Option(False, "--force", help="Stop a job still running there first."),
+    no_preflight: bool = typer.Option(False, "--no-preflight", envvar="MLLM_NO_PREFLIGHT",
+                                      help="Do not compile the config for the VM's TPU type first (`mllm preflight`)."),
 ) -> None:
-    """Start `python -m mllm_jax train RECIPE` detached on the workers (one process each)."""
+    """Start `python -m mllm_jax train RECIPE` detached on the workers (one process each); on a VM,
+    after preflight says the config fits its chips."""
     with _cluster(vm, zone, project, worker, internal_ip, user, local) as c:
-        run = c.launch(recipe, config, list(overrides), env_file, not no_sync, include_dirty, force)
+        run = c.launch(recipe, config, list(overrides), env_file, not no_sync, include_dirty, force, not no_preflight)
         where = " --local" if local else ""
         typer.echo(f"run {run.id}: follow with `mllm logs -f{where}`, results with `mllm fetch-summary{where}`")
         if follow_logs:
             raise typer.Exit(run.wait())
+
+
+@app.command("preflight")
+def preflight_cmd(
+    recipe: str = typer.Argument(..., help="Recipe, e.g. sft."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML config."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config key (repeatable)."),
+    accelerator_type: str = typer.Option("v6e-8", "--type", help="Accelerator type, e.g. v6e-8, v4-16."),
+    as_json: AsJson = False,
+    no_cache: bool = typer.Option(False, "--no-cache", help="Compile again even when a cached report exists."),
+) -> None:
+    """Compile the recipe's programs for a TPU slice on this machine (libtpu, no TPU, no VM):
+    per-chip HBM, compile seconds, XLA's estimated step time and MFU. Exit 1 when it does not fit."""
+    from launcher import preflight
+    from mllm_jax.preflight import format_report
+
+    report = preflight.run(recipe, config, list(overrides), accelerator_type, not no_cache)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    raise typer.Exit(0 if report["fits"] else 1)
 
 
 @app.command("status")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher import cloud, jobs, keys, remote, runs, ssh, state, sync
+from launcher import cloud, jobs, keys, preflight, remote, runs, ssh, state, sync
 from launcher.errors import LauncherError
 from mllm_jax import contracts
 
@@ -41,6 +41,8 @@ class Cluster:
     workers: list[ssh.Worker] = field(default_factory=list)
     internal_ips: list[str] = field(default_factory=list)
     conns: ssh.Connections | None = None
+    accelerator_type: str | None = None
+    """The VM's type (e.g. v6e-8), for preflight; None for this machine."""
 
     @classmethod
     def connect(cls, vm: str | None = None, zone: str | None = None, project: str | None = None,
@@ -59,7 +61,7 @@ class Cluster:
         key_file, _ = keys.ensure_key()
         conns = ssh.Connections(user, key_file, keys.config_dir() / "known_hosts")
         targets: list[jobs.Target] = [jobs.RemoteTarget(conns, w) for w in ssh.select_workers(workers, worker)]
-        return cls(targets, name, z.zone, workers, cloud.worker_ips(node, internal=True), conns)
+        return cls(targets, name, z.zone, workers, cloud.worker_ips(node, internal=True), conns, node.accelerator_type)
 
     @classmethod
     def local(cls, root: Path | None = None) -> Cluster:
@@ -137,12 +139,17 @@ class Cluster:
     # -- runs ----------------------------------------------------------------------------------
 
     def launch(self, recipe: str, config: str, overrides: list[str] = (), env_file: str | None = None,
-               sync_first: bool = True, include_dirty: bool = False, force: bool = False) -> Run:
+               sync_first: bool = True, include_dirty: bool = False, force: bool = False,
+               run_preflight: bool = True) -> Run:
         """Start `python -m mllm_jax train RECIPE` detached, one process per selected worker
-        (coordinator = the first), after syncing and bringing each venv up to date. Nothing
-        half-started: a failed start stops the processes already started."""
+        (coordinator = the first), after syncing and bringing each venv up to date. On a VM the
+        config is first compiled for its TPU type (preflight) and refused if it cannot fit,
+        before any worker is touched. Nothing half-started: a failed start stops the processes
+        already started."""
         config_arg, sha = self._config_and_sha(config)
         check_config(recipe, config, list(overrides))
+        if run_preflight and self.accelerator_type:
+            preflight.gate(recipe, config, list(overrides), self.accelerator_type)
         if not self.is_local:
             sha = self.sync("HEAD", include_dirty) if sync_first else "nosync"
         busy = sorted({r for t in self.targets for r in jobs.running_jobs(t)})

@@ -6,8 +6,10 @@ never JAX.
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 # -- environment set by the launcher for a multi-process run -------------------------------------
@@ -132,6 +134,10 @@ class RunSummary(_SummaryAlways, total=False):
     """`timed_steps`, `intervals`, `mean`, `median`, `min`, `max` seconds per step."""
     eval_metrics: dict[str, float]
     """The latest evaluation: `eval/loss`, and for sft `eval/hr@K`, `eval/ndcg@K`, ..."""
+    step_memory: dict[str, int]
+    """Bytes per device of the compiled train step (XLA's memory_analysis, as preflight reports
+    it): `argument`, `output`, `alias`, `temp`, `generated_code`, `peak`; with `device_kind`
+    and `hbm_share` (peak / the chip's HBM) on a TPU."""
 
 
 class NanoGPTSummary(TypedDict, total=False):
@@ -153,3 +159,9 @@ class SftSummary(TypedDict, total=False):
     steps_per_epoch: int
     max_steps: int
     hf_export_dir: str
+
+
+def cache_dir() -> Path:
+    """Where the trainer caches what it downloads or computes once (Tiny Shakespeare, libtpu,
+    preflight reports): $XDG_CACHE_HOME/mllm_jax, by default ~/.cache/mllm_jax."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mllm_jax"

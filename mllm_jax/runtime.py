@@ -124,10 +124,11 @@ def parse_mesh_shape(spec: str) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(spec: str) -> Mesh:
-    """A (dp, fsdp, tp) mesh over all devices of all processes."""
+def make_mesh(spec: str, devices: list | None = None) -> Mesh:
+    """A (dp, fsdp, tp) mesh over all devices of all processes (or `devices`, e.g. a TPU
+    topology's compile-only devices in preflight)."""
     sizes = parse_mesh_shape(spec)
-    n = jax.device_count()
+    n = len(devices) if devices is not None else jax.device_count()
     known = int(np.prod([v for v in sizes.values() if v != -1]))
     if -1 in sizes.values():
         if n % known:
@@ -139,7 +140,7 @@ def make_mesh(spec: str) -> Mesh:
         )
     # Auto axes: shardings are placed on inputs/outputs and XLA propagates the rest.
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=auto)
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=auto, devices=devices)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -213,6 +214,41 @@ _PEAK_FLOPS = {
     "NVIDIA H100 80GB HBM3": 989e12,
     "NVIDIA H200": 989e12,
 }
+
+
+# HBM per chip (datasheets: 32, 16, 95, 32 GB), for the share of it a compiled program needs.
+# libtpu itself lets a program use a little less (31.25 GiB on a v6e): a share near 100% fails.
+HBM_BYTES = {
+    "TPU v4": 32 * 2**30,
+    "TPU v5 lite": 16 * 2**30,
+    "TPU v5": 95 * 2**30,
+    "TPU v6 lite": 32 * 2**30,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one chip of this kind (None: no datasheet number)."""
+    return _PEAK_FLOPS.get(device_kind)
+
+
+def memory_report(compiled) -> dict[str, int]:
+    """Per-device bytes of a compiled program (XLA's memory_analysis): what its arguments,
+    outputs, temporaries and code take, and `peak` = arguments + outputs - aliased (donated)
+    + temporaries, the HBM the program needs while it runs."""
+    m = compiled.memory_analysis()
+    out: dict = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp",
+                                                                     "generated_code")}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def step_memory(compiled) -> dict:
+    """memory_report of a run's compiled train step, with the chip's HBM share on a TPU."""
+    out = memory_report(compiled)
+    kind = jax.devices()[0].device_kind
+    if kind in HBM_BYTES:
+        out.update(device_kind=kind, hbm_share=out["peak"] / HBM_BYTES[kind])
+    return out
 
 
 def peak_flops_per_second() -> float:

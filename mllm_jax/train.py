@@ -99,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="sft: train, evaluate only, or both (the same as --set run_mode=...)")
     t = sub.add_parser("tiny-model", help="write a tiny random Qwen2 in Hugging Face format (for CPU smoke runs)")
     t.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer.json)")
+    f = sub.add_parser("preflight", help="compile the recipe's programs for a TPU slice here (libtpu, no TPU): "
+                                          "per-chip HBM, compile time, XLA's estimate; exit 1 when it does not fit")
+    f.add_argument("recipe", help=f"one of: {', '.join(RECIPES)}")
+    f.add_argument("--config", help="YAML config file")
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    f.add_argument("--type", dest="accelerator_type", default="v6e-8", help="accelerator type, e.g. v6e-8, v4-16")
+    f.add_argument("--json", dest="as_json", action="store_true", help="print the report as JSON")
+    f.add_argument("--no-cache", action="store_true", help="compile again even when a cached report exists")
     e = sub.add_parser("env-exec", help="run a command with an env file's variables (dotenv parsing, as train's "
                                         "--env-file; `mllm exec --env-file` uses it: the file is never run as shell)")
     e.add_argument("env_file")
@@ -106,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "env-exec":
         return run_cli(lambda: env_exec(args.env_file, args.argv))
+    if args.command == "preflight":
+        from mllm_jax import preflight
+
+        return run_cli(lambda: preflight.main(args.recipe, args.config, args.overrides, args.accelerator_type,
+                                              args.as_json, not args.no_cache))
     if args.command == "tiny-model":
         from mllm_jax.models.tiny import write_tiny_model
 

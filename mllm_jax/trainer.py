@@ -63,6 +63,9 @@ class Task(Protocol):
 
     flops_per_token: float
 
+    step_memory: dict[str, int] | None
+    """runtime.memory_report of the compiled train step, once it is compiled (None before)."""
+
     def finish(self, state: Any, console: Console) -> dict[str, Any]:
         """Last words of the recipe (e.g. a text sample); returned dict goes into the summary."""
 
@@ -286,6 +289,8 @@ def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Co
         last_eval_step = step
     if metrics:
         result["final_train_loss"] = float(jax.device_get(metrics["loss"]))
+    if task.step_memory:
+        result["step_memory"] = task.step_memory
     result["final_step"] = step
     result["last_eval_step"] = last_eval_step
     if step_times:

@@ -128,6 +128,8 @@ ROWS: list[tuple[str, list[str], Setup]] = [
     # --- sft --------------------------------------------------------------------------------------
     ("sft-lr-negative", sft("train.learning_rate=-1"), nothing),
     ("sft-seed-negative", sft("seed=-1"), nothing),
+    ("sft-splash-on-cpu", sft("train.attention=splash"), model()),
+    ("sft-cudnn-on-cpu", sft("train.attention=cudnn"), model()),
     ("sft-no-model-dir", sft(), nothing),
     ("sft-corrupt-safetensors", sft(), model(write("model.safetensors", b"\xff" * 64 + BINARY))),
     ("sft-truncated-safetensors", sft(), model(truncate("model.safetensors", 0.5))),

@@ -30,6 +30,9 @@ def test_smoke_run_writes_summary_metrics_and_checkpoints(tmp_path, shakespeare)
     assert all(summary["versions"][k] for k in ("python", "jax", "jaxlib", "flax", "optax", "wandb"))
     assert summary["backend"] == "cpu" and summary["process_count"] == 1
     assert summary["mesh"] == {"dp": 1, "fsdp": 1, "tp": 1}
+    memory = summary["step_memory"]  # the compiled step's memory_analysis(), as preflight reports it
+    assert memory["peak"] == memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] > 0
+    assert memory["alias"] > 0, "the state is donated: its buffers are reused for the new state"
     assert [e["step"] for e in summary["eval_losses"]] == [20, 40]
     assert summary["best_eval_loss"]["loss"] == min(e["loss"] for e in summary["eval_losses"])
     assert summary["eval_losses"][-1]["loss"] < 4.17, "below the uniform-guess loss ln(65)"

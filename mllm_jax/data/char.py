@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mllm_jax.config import ConfigError, read_text_file
+from mllm_jax.contracts import cache_dir
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -33,10 +34,6 @@ class CharDataConfig:
     def validate(self) -> None:
         if self.path is not None and not Path(self.path).is_file():
             raise ConfigError(f"data.path: file not found: {self.path}")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mllm_jax"
 
 
 def download(url: str, dest: Path, sha256: str) -> Path:

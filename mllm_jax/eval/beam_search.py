@@ -94,21 +94,26 @@ class BeamSearch:
         self.steps = trie.depth + len(trie.suffix)
         tokens, nodes, self._dead = _search_tables(trie)
         self._width = tokens.shape[1]
-        if mesh is None:
-            self._tables = (jnp.asarray(tokens), jnp.asarray(nodes))
-        else:  # replicated; built from each process's own copy, so multi-host works too
-            self._tables = tuple(jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda i, x=x: x[i])
-                                 for x in (tokens, nodes))
-        self._search = jax.jit(self._run)
+        self.tables = (tokens, nodes)
+        """The trie's tables (numpy), the last two arguments of `jitted`."""
+        self._placed: tuple[jax.Array, ...] | None = None
+        self.jitted = jax.jit(self._run)
+        """The program: (params, input_ids, attention_mask, *tables) -> (sids, scores)."""
 
     def __call__(self, params, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self._search(params, input_ids, attention_mask, *self._tables)
+        if self._placed is None:  # on the devices at first use (preflight only compiles `jitted`)
+            if self.mesh is None:
+                self._placed = tuple(jnp.asarray(x) for x in self.tables)
+            else:  # replicated; built from each process's own copy, so multi-host works too
+                self._placed = tuple(jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, P()),
+                                                                  lambda i, x=x: x[i]) for x in self.tables)
+        return self.jitted(params, input_ids, attention_mask, *self._placed)
 
     search = __call__
 
     def compiles(self) -> int:
         """How many programs were compiled so far (one per distinct input shape)."""
-        return self._search._cache_size()
+        return self.jitted._cache_size()
 
     # ------------------------------------------------------------------------------ the program
 

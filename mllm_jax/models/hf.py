@@ -32,9 +32,13 @@ _COPIED = ["generation_config.json", "special_tokens_map.json", "chat_template.j
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 
 
-def resolve_model_dir(base_model: str) -> Path:
+CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+"""What preflight reads of a model: its shapes and vocabulary, never its weights."""
+
+
+def resolve_model_dir(base_model: str, files: list[str] | None = None) -> Path:
     """A local model directory as is, or a Hub id ("Qwen/Qwen2.5-0.5B") downloaded to the
-    Hugging Face cache (weights, config and tokenizer only)."""
+    Hugging Face cache (weights, config and tokenizer only; `files`: only these patterns)."""
     path = Path(base_model).expanduser()
     if path.is_dir():
         return path
@@ -43,7 +47,7 @@ def resolve_model_dir(base_model: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(base_model, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(base_model, allow_patterns=files or HUB_FILES))
     except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"base_model {base_model!r}: not a local directory, and the Hugging Face Hub "
@@ -239,9 +243,10 @@ def _resize_rows(w: np.ndarray, vocab_size: int, padded: int) -> np.ndarray:
     return out
 
 
-def abstract_params(cfg: Qwen2Config):
-    """Shapes of the model's parameters, without allocating them."""
-    return jax.eval_shape(Qwen2(cfg).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 1), np.int32))["params"]
+def abstract_params(cfg: Qwen2Config, param_dtype=np.float32):
+    """Shapes (and dtypes) of the model's parameters, without allocating them."""
+    model = Qwen2(cfg, param_dtype=param_dtype)
+    return jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 1), np.int32))["params"]
 
 
 def _resized(keys: tuple[str, ...]) -> bool:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from mllm_jax.config import ConfigError
 from mllm_jax.models.gpt import Linear, matmul
+from mllm_jax.runtime import BATCH_AXES
 
 # Added to masked logits/attention scores: effectively -inf, but finite, so softmax, its
 # gradient and temperature scaling never produce NaN.
@@ -89,10 +90,20 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+"""How causal self-attention without a cache is computed (training and the eval loss): "xla"
+(plain einsums, every backend), "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel,
+NVIDIA GPUs), "splash" (the Pallas splash-attention kernel, TPUs). Decoding always uses "xla"."""
+
+
 class _Sublayer(nn.Module):
     cfg: Qwen2Config
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attention: str = "xla"
+    """One of ATTENTION_IMPLS."""
+    mesh: Mesh | None = None
+    """The mesh the activations are sharded over: "splash" runs per shard (shard_map)."""
 
     def dense(self, features: int, bias: bool, name: str) -> Linear:
         return Linear(features, bias, 0.02, self.dtype, self.param_dtype, name=name)
@@ -101,7 +112,8 @@ class _Sublayer(nn.Module):
 class Attention(_Sublayer):
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv_cache=None, index=None, prefix=None):
-        """mask (B, T, S) marks the keys each query may see. With kv_cache=(k, v), each
+        """mask (B, T, S) marks the keys each query may see (None: causal over x alone, where a
+        fused `attention` implementation may run). With kv_cache=(k, v), each
         (B, S_max, KVH, hd), the new keys/values are written at [index, index+T) and
         attention runs over the whole cache; returns (y, (k, v) updated or None).
 
@@ -115,6 +127,11 @@ class Attention(_Sublayer):
         k = self.dense(KVH * hd, cfg.attention_bias, "k_proj")(x).reshape(B, T, KVH, hd)
         v = self.dense(KVH * hd, cfg.attention_bias, "v_proj")(x).reshape(B, T, KVH, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.attention != "xla" and kv_cache is None and prefix is None and mask is None:
+            y = fused_attention(q, k, v, self.attention, self.mesh)
+            return self.dense(cfg.hidden_size, False, "o_proj")(y.reshape(B, T, H * hd)), None
+        if mask is None:
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
         new_cache = None
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
@@ -159,7 +176,7 @@ class DecoderLayer(_Sublayer):
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv_cache=None, index=None, prefix=None):
         norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
-        y, new_cache = Attention(self.cfg, self.dtype, self.param_dtype, name="self_attn")(
+        y, new_cache = Attention(self.cfg, self.dtype, self.param_dtype, self.attention, self.mesh, name="self_attn")(
             norm("input_layernorm")(x), cos, sin, mask, kv_cache, index, prefix)
         x = x + y
         x = x + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(x))
@@ -182,6 +199,15 @@ class Qwen2(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
     """Recompute each decoder layer in the backward pass (gradient checkpointing)."""
+    scan_layers: bool = False
+    """Without a cache: run the decoder layers as one lax.scan over their stacked parameters, so
+    XLA compiles one layer body instead of num_hidden_layers copies (maxtext's scan_layers). The
+    parameters stay one subtree per layer (layers_{i}, 1:1 with Hugging Face and checkpoints);
+    the step stacks them, one extra copy of the layer weights in its temporaries."""
+    attention: str = "xla"
+    """One of ATTENTION_IMPLS, for attention without a cache."""
+    mesh: Mesh | None = None
+    """Needed by attention "splash" (it runs per shard of this mesh)."""
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
@@ -215,11 +241,13 @@ class Qwen2(nn.Module):
             if prefix is not None:
                 n = jnp.sum(prefix["mask"], axis=1, dtype=jnp.int32)
                 positions = positions + jnp.repeat(n, B // n.shape[0])[:, None]
-        S = cache["k"][0].shape[1] if cache is not None else T
-        mask = jnp.arange(S)[None, :] <= slots[:, None]  # (T, S) causal
-        mask = jnp.broadcast_to(mask, (B, T, S))
-        if attention_mask is not None:
-            mask = mask & attention_mask[:, None, :].astype(bool)
+        mask = None  # plain causal attention over the T tokens (fused kernels apply)
+        if cache is not None or prefix is not None or attention_mask is not None:
+            S = cache["k"][0].shape[1] if cache is not None else T
+            mask = jnp.arange(S)[None, :] <= slots[:, None]  # (T, S) causal
+            mask = jnp.broadcast_to(mask, (B, T, S))
+            if attention_mask is not None:
+                mask = mask & attention_mask[:, None, :].astype(bool)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
         embed = nn.Embed(cfg.padded_vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -227,13 +255,17 @@ class Qwen2(nn.Module):
         x = embed(input_ids)
         layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         new_k, new_v = [], []
-        for i in range(cfg.num_hidden_layers):
-            kv = (cache["k"][i], cache["v"][i]) if cache is not None else None
-            pre = (prefix["k"][i], prefix["v"][i], prefix["mask"].astype(bool)) if prefix is not None else None
-            x, kv = layer_cls(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(x, cos, sin, mask, kv, start, pre)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+        if self.scan_layers and cache is None and prefix is None and not self.is_initializing():
+            x = self._scan_layers(x, cos, sin, mask)
+        else:
+            for i in range(cfg.num_hidden_layers):
+                kv = (cache["k"][i], cache["v"][i]) if cache is not None else None
+                pre = (prefix["k"][i], prefix["v"][i], prefix["mask"].astype(bool)) if prefix is not None else None
+                layer = layer_cls(cfg, self.dtype, self.param_dtype, self.attention, self.mesh, name=f"layers_{i}")
+                x, kv = layer(x, cos, sin, mask, kv, start, pre)
+                if kv is not None:
+                    new_k.append(kv[0])
+                    new_v.append(kv[1])
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         new_cache = {"k": new_k, "v": new_v, "index": start + T} if cache is not None else None
         if not cfg.tie_word_embeddings:  # declares lm_head/kernel (on no rows); head_logits applies it
@@ -241,6 +273,61 @@ class Qwen2(nn.Module):
         if hidden_only:
             return x, new_cache
         return head_logits(self.variables["params"], x, cfg, self.dtype), new_cache
+
+    def _scan_layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """The decoder layers as one lax.scan over their parameters stacked on a new axis 0."""
+        params = self.variables["params"]
+        stacked = jax.tree.map(lambda *ws: jnp.stack(ws),
+                               *(params[f"layers_{i}"] for i in range(self.cfg.num_hidden_layers)))
+        layer = DecoderLayer(self.cfg, self.dtype, self.param_dtype, self.attention, self.mesh, parent=None)
+
+        def body(h: jax.Array, p: dict) -> tuple[jax.Array, None]:
+            return layer.apply({"params": p}, h, cos, sin, mask)[0], None
+
+        if self.remat:  # as nn.remat: keep only each layer's input for the backward pass
+            body = jax.checkpoint(body)
+        return jax.lax.scan(body, x, stacked)[0]
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, mesh: Mesh | None) -> jax.Array:
+    """Causal grouped-query attention with a fused kernel: q (B, T, H, hd), k and v (B, T, KVH, hd)
+    -> (B, T, H, hd). "cudnn": jax.nn.dot_product_attention's cuDNN flash attention; "splash":
+    the Pallas TPU kernel, one multi-query kernel per KV head, run per shard of `mesh`."""
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if impl != "splash":
+        raise ConfigError(f"attention: expected one of {ATTENTION_IMPLS}, got {impl!r}")
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    B, T, H, hd = q.shape
+    KVH = k.shape[2]
+    G = H // KVH
+    block = min(512, T)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    # The kernel for the devices it runs on (a TPU topology's in preflight); interpreted elsewhere (tests on CPU).
+    target = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([sm.CausalMask((T, T))] * G), block_sizes=sizes,
+                                              interpret=target != "tpu")
+
+    def local(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        b, _, h, _ = q.shape
+        kvh = k.shape[2]
+        qg = (q * hd**-0.5).reshape(b, T, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4)  # (b, kvh, G, T, hd)
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kvh, T, hd)
+        out = jax.vmap(jax.vmap(kernel))(qg, kt, vt)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, T, h, hd)
+
+    if mesh is None:
+        return local(q, k, v)
+    spec = P(BATCH_AXES if B % _size(mesh, BATCH_AXES) == 0 else None, None,
+             "tp" if KVH % mesh.shape["tp"] == 0 else None, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def _size(mesh: Mesh, axes: tuple[str, ...]) -> int:
+    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def head_logits(params: dict, hidden: jax.Array, cfg: Qwen2Config, dtype: jnp.dtype) -> jax.Array:

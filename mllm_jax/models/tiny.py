@@ -4,8 +4,12 @@ and tests (no Hugging Face download needed). `python -m mllm_jax tiny-model OUT_
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+if TYPE_CHECKING:
+    from mllm_jax.models.qwen2 import Qwen2Config
 
 # Qwen2.5-Instruct's special tokens; "<|im_end|>" is its EOS, "<|endoftext|>" its pad.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -39,25 +43,20 @@ def build_tokenizer(vocab_size: int = 512) -> Tokenizer:
     return tok
 
 
-def write_tiny_model(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
-    """Write a tiny random Qwen2 (weights ~ N(0, 0.02), norms 1) with build_tokenizer()'s
-    tokenizer to `out_dir` as a Hugging Face model directory; `overrides` replace
-    Qwen2Config fields. Returns out_dir."""
+QWEN2_5_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                    num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                    tie_word_embeddings=True, attention_bias=True, max_position_embeddings=32768)
+"""The shape values of Qwen/Qwen2.5-1.5B-Instruct's config.json, the SOP's model."""
+
+
+def _write_model_files(out_dir: Path, tok: Tokenizer, **fields) -> "Qwen2Config":
+    """config.json, generation_config.json and tokenizer_config.json of a Qwen2Config(**fields)."""
     import json
 
-    import jax
-    import numpy as np
-
-    from mllm_jax.models.hf import abstract_params, save_pretrained
     from mllm_jax.models.qwen2 import Qwen2Config
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
-    fields = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
-                  tie_word_embeddings=True, attention_bias=True, max_position_embeddings=1024)
-    cfg = Qwen2Config(**{**fields, **overrides})
+    cfg = Qwen2Config(**fields)
     eos, pad = tok.token_to_id(EOS_TOKEN), tok.token_to_id(PAD_TOKEN)
     config = {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
@@ -75,7 +74,35 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN,
          "model_max_length": cfg.max_position_embeddings}, indent=2) + "\n")
+    return cfg
 
+
+def write_shapes_model(out_dir: str | Path, **overrides) -> Path:
+    """A model directory without weights: config.json with QWEN2_5_1_5B's values (`overrides`
+    replace them, e.g. num_hidden_layers=2) and build_tokenizer()'s tokenizer.json. That is all
+    preflight reads of a model, so the SOP's shapes compile here with nothing downloaded."""
+    out_dir = Path(out_dir)
+    tok = build_tokenizer()
+    _write_model_files(out_dir, tok, **{**QWEN2_5_1_5B, **overrides})
+    tok.save(str(out_dir / "tokenizer.json"))
+    return out_dir
+
+
+def write_tiny_model(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
+    """Write a tiny random Qwen2 (weights ~ N(0, 0.02), norms 1) with build_tokenizer()'s
+    tokenizer to `out_dir` as a Hugging Face model directory; `overrides` replace
+    Qwen2Config fields. Returns out_dir."""
+    import jax
+    import numpy as np
+
+    from mllm_jax.models.hf import abstract_params, save_pretrained
+
+    out_dir = Path(out_dir)
+    tok = build_tokenizer()
+    fields = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                  tie_word_embeddings=True, attention_bias=True, max_position_embeddings=1024)
+    cfg = _write_model_files(out_dir, tok, **{**fields, **overrides})
     rng = np.random.default_rng(seed)
     params = jax.tree_util.tree_map_with_path(
         lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == "scale"

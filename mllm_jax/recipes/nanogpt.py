@@ -7,7 +7,7 @@ sampling into the shared train loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,9 @@ from mllm_jax.models.gpt import GPT, GPTConfig, flops_per_token, num_params
 from mllm_jax.runtime import JaxConfig
 from mllm_jax.tracking import Console, WandbConfig
 from mllm_jax.trainer import LoopConfig
+
+if TYPE_CHECKING:
+    from mllm_jax.preflight import Plan
 
 
 @dataclass
@@ -65,39 +68,35 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
-class NanoGPTTask:
-    """The trainer's Task for nanoGPT: parameters replicated, batch split over (dp, fsdp).
-    `data` is the corpus `build` read and checked (read here when not given)."""
+class NanoGPTPrograms:
+    """nanoGPT's math without data: the model, optimizer, state init, update and eval loss,
+    parameters replicated and the batch split over (dp, fsdp). The Task runs them; preflight
+    compiles them for a TPU topology on abstract arguments."""
 
-    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh, data: CharDataset | None = None):
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int):
         self.cfg, self.mesh = cfg, mesh
-        self.data = data or CharDataset(cfg.data.path, cfg.model.block_size)
-        self.model = GPT(cfg.model, self.data.vocab_size, dtype=jnp.dtype(cfg.jax.compute_dtype),
+        self.model = GPT(cfg.model, vocab_size, dtype=jnp.dtype(cfg.jax.compute_dtype),
                          param_dtype=jnp.dtype(cfg.jax.param_dtype))
         t = cfg.train
         self.schedule = optim.warmup_cosine(t.learning_rate, t.min_lr, t.warmup_steps, t.lr_decay_steps or t.max_steps)
         self.tx = t.build(self.schedule)
-        self.rows = runtime.process_rows(t.global_batch_size)
-        self.max_steps = t.max_steps
-        self.tokens_per_step = t.global_batch_size * cfg.model.block_size
-        replicated = runtime.replicated(mesh)
-        init_key, self.dropout_key = jax.random.split(jax.random.key(cfg.seed))
+        self.replicated = runtime.replicated(mesh)
+        self.init_key, self.dropout_key = jax.random.split(jax.random.key(cfg.seed))
+        self.init = jax.jit(self._init, out_shardings=self.replicated)
+        self.abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+                                           jax.eval_shape(self._init, self.init_key))
+        self.train_step = jax.jit(self._update, donate_argnums=0, out_shardings=self.replicated)
+        self.eval_loss = jax.jit(self._loss, static_argnames="train", out_shardings=self.replicated)
 
-        def init(key: jax.Array) -> dict[str, Any]:
-            dummy = jnp.zeros((1, cfg.model.block_size), jnp.int32)
-            params = self.model.init(key, dummy)["params"]
-            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (self.cfg.train.global_batch_size, self.cfg.model.block_size)
+        sharding = runtime.batch_sharding(self.mesh)
+        return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in ("x", "y")}
 
-        self.state = jax.jit(init, out_shardings=replicated)(init_key)
-        self.flops_per_token = flops_per_token(cfg.model, num_params(self.state["params"]))
-        self._train_step = jax.jit(self._update, donate_argnums=0, out_shardings=replicated)
-        self._eval_loss = jax.jit(self._loss, static_argnames="train", out_shardings=replicated)
-        # The same held-out batches at every evaluation: comparable numbers, no training RNG used.
-        self.eval_batches = [self._batch("val", i) for i in range(t.eval_iters)]
-
-    def _batch(self, split: str, index: int) -> dict[str, jax.Array]:
-        b = self.cfg.train.global_batch_size
-        return runtime.to_global(self.data.batch(split, self.cfg.seed, index, b, self.rows), self.mesh, b)
+    def _init(self, key: jax.Array) -> dict[str, Any]:
+        dummy = jnp.zeros((1, self.cfg.model.block_size), jnp.int32)
+        params = self.model.init(key, dummy)["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
 
     def _loss(self, params: Any, batch: dict[str, jax.Array], train: bool = False,
               dropout_key: jax.Array | None = None) -> jax.Array:
@@ -113,8 +112,38 @@ class NanoGPTTask:
                      "opt_state": opt_state}
         return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
+
+class NanoGPTTask:
+    """The trainer's Task for nanoGPT: parameters replicated, batch split over (dp, fsdp).
+    `data` is the corpus `build` read and checked (read here when not given)."""
+
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh, data: CharDataset | None = None):
+        self.cfg, self.mesh = cfg, mesh
+        self.data = data or CharDataset(cfg.data.path, cfg.model.block_size)
+        self.programs = NanoGPTPrograms(cfg, mesh, self.data.vocab_size)
+        self.model, self.schedule = self.programs.model, self.programs.schedule
+        t = cfg.train
+        self.rows = runtime.process_rows(t.global_batch_size)
+        self.max_steps = t.max_steps
+        self.tokens_per_step = t.global_batch_size * cfg.model.block_size
+        self.state = self.programs.init(self.programs.init_key)
+        self.flops_per_token = flops_per_token(cfg.model, num_params(self.state["params"]))
+        self._eval_loss = self.programs.eval_loss
+        self._compiled_step: Any = None
+        self.step_memory: dict[str, int] | None = None
+        # The same held-out batches at every evaluation: comparable numbers, no training RNG used.
+        self.eval_batches = [self._batch("val", i) for i in range(t.eval_iters)]
+
+    def _batch(self, split: str, index: int) -> dict[str, jax.Array]:
+        b = self.cfg.train.global_batch_size
+        return runtime.to_global(self.data.batch(split, self.cfg.seed, index, b, self.rows), self.mesh, b)
+
     def train_step(self, state: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        return self._train_step(state, self._batch("train", step))
+        batch = self._batch("train", step)
+        if self._compiled_step is None:  # compiled ahead of the call: its memory goes into the summary
+            self._compiled_step = self.programs.train_step.lower(state, batch).compile()
+            self.step_memory = runtime.step_memory(self._compiled_step)
+        return self._compiled_step(state, batch)
 
     def learning_rate(self, step: int) -> float:
         return float(self.schedule(step))
@@ -166,6 +195,30 @@ def generate(model: GPT, params: Any, prompt: list[int], max_new_tokens: int, te
     # Every process runs the same sampling (the params span all of them); inputs are replicated.
     out = run(params, jax.device_put(buf, sharding), jax.device_put(jax.random.key_data(jax.random.key(seed)), sharding))
     return [int(i) for i in jax.device_get(out)[len(prompt): total]]
+
+
+def preflight(cfg: Config, mesh: jax.sharding.Mesh) -> "Plan":
+    """nanoGPT's update and eval loss on abstract arguments; the vocabulary is the corpus's
+    characters (data.path, or Tiny Shakespeare from the cache)."""
+    from mllm_jax.preflight import Plan, Program
+
+    runtime.check_batch(cfg.train.global_batch_size, mesh)
+    vocab = CharDataset(cfg.data.path, cfg.model.block_size).vocab_size
+    programs = NanoGPTPrograms(cfg, mesh, vocab)
+    state, batch = programs.abstract_state, programs.abstract_batch()
+    tokens = cfg.train.global_batch_size * cfg.model.block_size
+    n_params = num_params(jax.tree.map(lambda x: np.zeros(x.shape, np.int8), state["params"]))
+    m = cfg.model
+    return Plan([Program("train_step", programs.train_step, (state, batch),
+                         model_flops=flops_per_token(m, n_params) * tokens,
+                         note=f"{cfg.train.global_batch_size} x {m.block_size} tokens"),
+                 Program("eval_loss", programs.eval_loss, (state["params"], batch))],
+                facts={"layers": m.n_layer, "n_embd": m.n_embd, "block_size": m.block_size,
+                       "vocab": vocab,
+                       "global_batch": cfg.train.global_batch_size,
+                       "dtypes": f"params {cfg.jax.param_dtype}, compute {cfg.jax.compute_dtype}"},
+                knobs=[f"train.global_batch_size (now {cfg.train.global_batch_size})",
+                       f"model.block_size (now {m.block_size})"])
 
 
 def build(cfg: Config, mesh: jax.sharding.Mesh) -> Callable[[], NanoGPTTask]:

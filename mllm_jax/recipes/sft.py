@@ -9,11 +9,12 @@ trie, HR@K / NDCG@K as MiniOneRec computes them; exports the fine-tuned model to
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,9 @@ from mllm_jax.models import hf, qwen2
 from mllm_jax.runtime import JaxConfig
 from mllm_jax.tracking import Console, WandbConfig
 from mllm_jax.trainer import LoopConfig
+
+if TYPE_CHECKING:
+    from mllm_jax.preflight import Plan
 
 SEQ_MULTIPLE = 64
 """Sequences are padded to the longest example of their split, rounded up to this: one
@@ -59,6 +63,13 @@ class TrainConfig(LoopConfig, OptimizerConfig):
     """Cross entropy over this many positions at a time: only one chunk's float32 logits
     (micro-batch x chunk x vocab) exist, not the whole sequence's, recomputed in the backward
     pass; same loss and gradients. None = all positions at once."""
+    scan_layers: bool = True
+    """Run the decoder layers as one lax.scan: XLA compiles one layer body instead of one per
+    layer (Qwen2.5-1.5B for a v6e-8: minutes -> under one); same values. Parameters, checkpoints
+    and the HF export keep one entry per layer."""
+    attention: Literal["xla", "cudnn", "splash"] = "xla"
+    """Attention in training and the eval loss: xla (any backend), cudnn (fused, NVIDIA GPUs),
+    splash (the Pallas kernel, TPUs). The beam search always uses xla."""
 
 
 @dataclass
@@ -151,42 +162,48 @@ def step_indices(num_examples: int, global_batch_size: int, seed: int, step: int
     return np.concatenate([chunk, np.full(global_batch_size - len(chunk), -1)])
 
 
-class SFTTask:
-    """The trainer's Task for SID SFT: params sharded by qwen2.param_specs, batches of shape
-    (accumulation, micro-batch, seq) split over (dp, fsdp) on the micro-batch axis."""
+class SftPrograms:
+    """sft's math, built from the model config alone (no weights): the update over one global
+    batch and the eval-loss sums, with the state's shardings. The Task runs them on real arrays;
+    preflight compiles them on abstract ones for a TPU topology."""
 
-    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh, prep: Prepared):
-        self.cfg, self.mesh, self.prep, t = cfg, mesh, prep, cfg.train
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh, model_cfg: qwen2.Qwen2Config, max_steps: int):
+        t = cfg.train
+        self.cfg, self.mesh, self.model_cfg = cfg, mesh, model_cfg
         self.micro = t.per_device_train_batch_size * runtime.data_parallel_size(mesh)
         self.accum = t.global_batch_size // self.micro
-        self.rows = runtime.process_rows(self.micro)
-        if prep.train is not None:
-            self.seq = seq_len(prep.train, cfg.data.max_len)
-            self.steps_per_epoch = math.ceil(len(prep.train) / t.global_batch_size)
-            self.max_steps = t.max_steps or math.ceil(t.num_train_epochs * self.steps_per_epoch)
-        else:  # run_mode eval: nothing to train, the loop only evaluates
-            self.seq, self.steps_per_epoch, self.max_steps = 0, 0, 0
-
-        params, self.model_cfg = hf.place_params(prep.weights, mesh, jnp.dtype(cfg.jax.param_dtype)), prep.weights.cfg
-        self.model = qwen2.Qwen2(self.model_cfg, dtype=jnp.dtype(cfg.jax.compute_dtype),
-                                 param_dtype=jnp.dtype(cfg.jax.param_dtype), remat=t.gradient_checkpointing)
-        self.schedule = optim.warmup_decay(t.learning_rate, t.warmup_steps, self.max_steps, t.lr_schedule)
+        param_dtype = jnp.dtype(cfg.jax.param_dtype)
+        self.model = qwen2.Qwen2(model_cfg, dtype=jnp.dtype(cfg.jax.compute_dtype), param_dtype=param_dtype,
+                                 remat=t.gradient_checkpointing, scan_layers=t.scan_layers, attention=t.attention,
+                                 mesh=mesh)
+        self.schedule = optim.warmup_decay(t.learning_rate, t.warmup_steps, max(max_steps, 1), t.lr_schedule)
         self.tx = t.build(self.schedule)
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(self.tx.init)(params)}
+        shapes = hf.abstract_params(model_cfg, param_dtype)
+        params = jax.tree.map(lambda spec: NamedSharding(mesh, spec), qwen2.param_specs(shapes, mesh))
+        replicated = runtime.replicated(mesh)
         # Moments follow their params' shardings; scalars (step, counts) are replicated.
-        self.state_shardings = jax.tree.map(
-            lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.ndim else runtime.replicated(mesh),
-            state)
-        # Committed to the same shardings the step returns: the second step must not recompile.
-        self.state = jax.device_put(state, self.state_shardings)
-        if cfg.eval.checkpoint:
-            self.state = _restore_latest(cfg.eval.checkpoint, self.state)
-        self.search = BeamSearch(self.model, prep.trie, cfg.eval.num_beams, mesh) if prep.trie else None
-        self.flops_per_token = qwen2.flops_per_token(self.model_cfg, self.seq)
-        self._train_step = jax.jit(self._update, donate_argnums=0, out_shardings=(self.state_shardings, None))
-        self._eval_sums = jax.jit(self._nll)
+        opt_state = optax.tree_map_params(self.tx, lambda _, sharding: sharding, jax.eval_shape(self.tx.init, shapes),
+                                          params, transform_non_params=lambda _: replicated,
+                                          is_leaf=lambda x: isinstance(x, NamedSharding))
+        self.state_shardings = {"step": replicated, "params": params, "opt_state": opt_state}
+        self.abstract_state = jax.tree.map(
+            lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+            {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": shapes,
+             "opt_state": jax.eval_shape(self.tx.init, shapes)}, self.state_shardings)
+        self.train_step = jax.jit(self._update, donate_argnums=0, out_shardings=(self.state_shardings, None))
+        self.eval_sums = jax.jit(self._nll)
 
-    # --- the math --------------------------------------------------------------------------
+    def abstract_batch(self, seq: int, micro_batches: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shapes of a training batch (micro_batches x micro x seq), or of one eval batch
+        (micro x seq) with micro_batches None."""
+        if micro_batches is None:
+            shape, spec = (self.micro, seq), P(runtime.BATCH_AXES)
+        else:
+            shape, spec = (micro_batches, self.micro, seq), P(None, runtime.BATCH_AXES)
+        sharding = NamedSharding(self.mesh, spec)
+        return {"input_ids": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+                "loss_mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding)}
+
     def _nll(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Summed cross entropy of the target tokens (response + EOS) and their count."""
         mask, targets = batch["loss_mask"][:, 1:], batch["input_ids"][:, 1:]
@@ -220,6 +237,37 @@ class SFTTask:
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
         return new_state, {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads)}
 
+
+class SFTTask:
+    """The trainer's Task for SID SFT: params sharded by qwen2.param_specs, batches of shape
+    (accumulation, micro-batch, seq) split over (dp, fsdp) on the micro-batch axis."""
+
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh, prep: Prepared):
+        self.cfg, self.mesh, self.prep, t = cfg, mesh, prep, cfg.train
+        if prep.train is not None:
+            self.seq = seq_len(prep.train, cfg.data.max_len)
+            self.steps_per_epoch = math.ceil(len(prep.train) / t.global_batch_size)
+            self.max_steps = t.max_steps or math.ceil(t.num_train_epochs * self.steps_per_epoch)
+        else:  # run_mode eval: nothing to train, the loop only evaluates
+            self.seq, self.steps_per_epoch, self.max_steps = 0, 0, 0
+        self.model_cfg = prep.weights.cfg
+        self.programs = SftPrograms(cfg, mesh, self.model_cfg, self.max_steps)
+        self.micro, self.accum, self.model = self.programs.micro, self.programs.accum, self.programs.model
+        self.rows = runtime.process_rows(self.micro)
+        self.schedule, self.state_shardings = self.programs.schedule, self.programs.state_shardings
+        params = hf.place_params(prep.weights, mesh, jnp.dtype(cfg.jax.param_dtype))
+        opt_state = jax.jit(self.programs.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
+        # Committed to the same shardings the step returns: the second step must not recompile.
+        self.state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state},
+                                    self.state_shardings)
+        if cfg.eval.checkpoint:
+            self.state = _restore_latest(cfg.eval.checkpoint, self.state)
+        self.search = BeamSearch(self.model, prep.trie, cfg.eval.num_beams, mesh) if prep.trie else None
+        self.flops_per_token = qwen2.flops_per_token(self.model_cfg, self.seq)
+        self._eval_sums = self.programs.eval_sums
+        self._compiled_step: Any = None
+        self.step_memory: dict[str, int] | None = None
+
     # --- batches ---------------------------------------------------------------------------
     def _train_batch(self, step: int) -> dict[str, jax.Array]:
         idx = step_indices(len(self.prep.train), self.cfg.train.global_batch_size, self.cfg.seed, step)
@@ -232,7 +280,11 @@ class SFTTask:
 
     # --- the Task protocol -----------------------------------------------------------------
     def train_step(self, state: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        return self._train_step(state, self._train_batch(step))
+        batch = self._train_batch(step)
+        if self._compiled_step is None:  # compiled ahead of the call: its memory goes into the summary
+            self._compiled_step = self.programs.train_step.lower(state, batch).compile()
+            self.step_memory = runtime.step_memory(self._compiled_step)
+        return self._compiled_step(state, batch)
 
     def learning_rate(self, step: int) -> float:
         return float(self.schedule(step))
@@ -323,14 +375,23 @@ def _restore_latest(directory: str, like: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def prepare(cfg: Config, mesh: jax.sharding.Mesh) -> Prepared:
-    """Read and check the model files and the data; raises ConfigError on bad input."""
+def _check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     t = cfg.train
+    runtime.check_batch(t.global_batch_size, mesh)
     micro = t.per_device_train_batch_size * runtime.data_parallel_size(mesh)
     if t.global_batch_size % micro:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by per_device_train_batch_size "
             f"x data-parallel devices = {t.per_device_train_batch_size} x {runtime.data_parallel_size(mesh)}")
+
+
+def prepare(cfg: Config, mesh: jax.sharding.Mesh) -> Prepared:
+    """Read and check the model files and the data; raises ConfigError on bad input."""
+    _check_batch(cfg, mesh)
+    backend = {"splash": "tpu", "cudnn": "gpu"}.get(cfg.train.attention)
+    if backend and jax.default_backend() != backend:
+        raise ConfigError(f"train.attention: {cfg.train.attention} needs a {backend.upper()} backend, this run's is "
+                          f"{jax.default_backend()}; use xla here")
     model_dir = hf.resolve_model_dir(cfg.base_model)
     model_cfg = hf.load_config(model_dir)
     tokenizer = hf.load_tokenizer(model_dir)
@@ -363,6 +424,108 @@ def prepare(cfg: Config, mesh: jax.sharding.Mesh) -> Prepared:
 
 def build(cfg: Config, mesh: jax.sharding.Mesh) -> Callable[[], SFTTask]:
     """Check the input before the run starts; the returned function builds the Task."""
-    runtime.check_batch(cfg.train.global_batch_size, mesh)
     prep = prepare(cfg, mesh)
     return lambda: SFTTask(cfg, mesh, prep)
+
+
+def preflight(cfg: Config, mesh: jax.sharding.Mesh) -> "Plan":
+    """sft's programs on abstract arguments, from config.json and the tokenizer alone: the
+    update over one global batch, the eval loss of one micro-batch and, for run_mode train_eval
+    or eval when data.sid_index_path is on this machine, the beam search of one eval batch.
+    Sequences are data.max_len tokens (the longest a batch can be). With the SID index here the
+    vocabulary is the tokenizer's plus its SID tokens, else config.json's vocab_size."""
+    from mllm_jax.preflight import Plan, Program
+
+    _check_batch(cfg, mesh)
+    t = cfg.train
+    model_dir = hf.resolve_model_dir(cfg.base_model, hf.CONFIG_FILES)
+    model_cfg = hf.load_config(model_dir)
+    tokenizer = hf.load_tokenizer(model_dir)
+    index_path = cfg.data.sid_index_path
+    index = sid.load_index(index_path) if index_path and Path(index_path).is_file() else None
+    if index is not None:
+        hf.add_tokens(tokenizer, sid.sid_tokens(index))
+        vocab, vocab_from = tokenizer.get_vocab_size(with_added_tokens=True), "tokenizer + SID tokens"
+    else:
+        vocab, vocab_from = model_cfg.vocab_size, "config.json; SID index not on this machine"
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab, padded_vocab_size=hf.padded_vocab(vocab, mesh))
+    seq = cfg.data.max_len
+    programs = SftPrograms(cfg, mesh, model_cfg, t.max_steps or 1)
+    state, micro = programs.abstract_state, programs.micro
+    tokens = t.global_batch_size * seq
+    plan = Plan([
+        Program("train_step", programs.train_step, (state, programs.abstract_batch(seq, programs.accum)),
+                model_flops=qwen2.flops_per_token(model_cfg, seq) * tokens, pieces=_step_pieces(programs, seq),
+                note=f"{programs.accum} micro-batches of {micro} x {seq} tokens; estimate summed over its loop "
+                     "bodies (layers, LM head + loss, optimizer)"),
+        Program("eval_loss", programs.eval_sums, (state["params"], programs.abstract_batch(seq)),
+                note=f"one eval batch of {micro} x {seq}"),
+    ], facts={"layers": model_cfg.num_hidden_layers, "hidden": model_cfg.hidden_size,
+              "vocab": f"{model_cfg.padded_vocab_size} padded ({vocab_from})", "seq": f"{seq} (data.max_len)",
+              "micro_batch": micro, "accumulation": programs.accum,
+              "dtypes": f"params {cfg.jax.param_dtype}, compute {cfg.jax.compute_dtype}"})
+    if cfg.run_mode != "train" and index is not None:
+        search = BeamSearch(programs.model, build_trie(index, tokenizer, hf.eos_token_id(model_dir, tokenizer)),
+                            cfg.eval.num_beams, mesh)
+        prompts = cfg.eval.per_device_batch_size * runtime.data_parallel_size(mesh)
+        batch = NamedSharding(mesh, P(runtime.BATCH_AXES))
+        args = (state["params"], jax.ShapeDtypeStruct((prompts, seq), jnp.int32, sharding=batch),
+                jax.ShapeDtypeStruct((prompts, seq), jnp.bool_, sharding=batch),
+                *(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=runtime.replicated(mesh)) for x in search.tables))
+        plan.programs.append(Program("beam_search", search.jitted, args,
+                                     note=f"{prompts} prompts of {seq} tokens x {cfg.eval.num_beams} beams"))
+    plan.knobs = [f"train.per_device_train_batch_size (now {t.per_device_train_batch_size}; the accumulation "
+                  "keeps train.global_batch_size)"]
+    if not t.loss_chunk_size:
+        plan.knobs.append("train.loss_chunk_size=128")
+    if not t.gradient_checkpointing:
+        plan.knobs.append("train.gradient_checkpointing=true")
+    if mesh.shape["fsdp"] == 1:
+        plan.knobs.append("jax.mesh_shape=1,-1,1 (fsdp shards weights and optimizer state)")
+    if cfg.run_mode != "train":
+        plan.knobs.append(f"eval.per_device_batch_size (now {cfg.eval.per_device_batch_size}) for the beam search")
+    return plan
+
+
+def _step_pieces(p: SftPrograms, seq: int) -> list[tuple[int, Any, tuple]]:
+    """The update's loop bodies, for XLA's estimate of the whole (which counts a loop body once):
+    per micro-batch each decoder layer forward + backward (+ its recomputation with remat) and
+    the LM head + loss per chunk (+ recomputation when chunked); then the optimizer once. The
+    embedding lookup and the norms are left out (a few element-wise ops)."""
+    cfg, model, t = p.model_cfg, p.model, p.cfg.train
+    params = p.abstract_state["params"]
+    batch = NamedSharding(p.mesh, P(runtime.BATCH_AXES))
+    layer = qwen2.DecoderLayer(cfg, model.dtype, model.param_dtype, model.attention, p.mesh)
+
+    def forward(layer_params: Any, h: jax.Array) -> jax.Array:
+        positions = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
+        cos, sin = qwen2.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        return layer.apply({"params": layer_params}, h, cos, sin, None)[0]
+
+    def forward_backward(layer_params: Any, h: jax.Array) -> Any:
+        y, vjp = jax.vjp(forward, layer_params, h)
+        return vjp(y)
+
+    chunk = t.loss_chunk_size or seq
+    head = {k: params[k] for k in ("embed_tokens", "lm_head") if k in params}
+
+    def loss(head_params: Any, h: jax.Array, y: jax.Array) -> jax.Array:
+        logits = qwen2.head_logits(head_params, h, cfg, model.dtype)
+        return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0])
+
+    def optimizer(state: dict[str, Any], grads: Any) -> Any:
+        updates, opt_state = p.tx.update(grads, state["opt_state"], state["params"])
+        return optax.apply_updates(state["params"], updates), opt_state
+
+    x = jax.ShapeDtypeStruct((p.micro, seq, cfg.hidden_size), model.dtype, sharding=batch)
+    h = jax.ShapeDtypeStruct((p.micro, chunk, cfg.hidden_size), model.dtype, sharding=batch)
+    y = jax.ShapeDtypeStruct((p.micro, chunk), jnp.int32, sharding=batch)
+    layers, chunks = cfg.num_hidden_layers * p.accum, -(-seq // chunk) * p.accum
+    pieces = [(layers, jax.jit(forward_backward), (params["layers_0"], x)),
+              (chunks, jax.jit(jax.grad(loss, argnums=(0, 1))), (head, h, y)),
+              (1, jax.jit(optimizer), (p.abstract_state, params))]
+    if t.gradient_checkpointing:
+        pieces.append((layers, jax.jit(forward), (params["layers_0"], x)))
+    if t.loss_chunk_size:
+        pieces.append((chunks, jax.jit(loss), (head, h, y)))
+    return pieces
