@@ -61,7 +61,7 @@ def main() -> None:
                          p["compile_sec"], 1e3 * e["seconds"] if e else None, 100 * e["mfu"] if "mfu" in e else None))
         print(f"# {name} ({variant}): {r['facts']}", flush=True)
     print(f"\n{args.type}, jax {r['jax']}, libtpu {r['libtpu']}; estimates are XLA's cost model, not measurements\n")
-    print(f"| config | variant | program | HBM GiB/chip | % of HBM | compile s | est. ms | est. MFU % |")
+    print("| config | variant | program | HBM GiB/chip | % of HBM | compile s | est. ms | est. MFU % |")
     print("|---|---|---|---|---|---|---|---|")
     for name, variant, prog, gib, share, sec, ms, mfu in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731

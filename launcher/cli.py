@@ -331,11 +331,15 @@ def launch_cmd(
     force: bool = typer.Option(False, "--force", help="Stop a job still running there first."),
     no_preflight: bool = typer.Option(False, "--no-preflight", envvar="MLLM_NO_PREFLIGHT",
                                       help="Do not compile the config for the VM's TPU type first (`mllm preflight`)."),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN",
+                                         help="Continue RUN (or `latest`) from its last checkpoint: same run id, "
+                                              "W&B run and metrics.jsonl."),
 ) -> None:
     """Start `python -m mllm_jax train RECIPE` detached on the workers (one process each); on a VM,
     after preflight says the config fits its chips."""
     with _cluster(vm, zone, project, worker, internal_ip, user, local) as c:
-        run = c.launch(recipe, config, list(overrides), env_file, not no_sync, include_dirty, force, not no_preflight)
+        run = c.launch(recipe, config, list(overrides), env_file, not no_sync, include_dirty, force, not no_preflight,
+                       resume)
         where = " --local" if local else ""
         typer.echo(f"run {run.id}: follow with `mllm logs -f{where}`, results with `mllm fetch-summary{where}`")
         if follow_logs:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from launcher import cloud, jobs, keys, preflight, remote, runs, ssh, state, sync
 from launcher.errors import LauncherError
 from mllm_jax import contracts
@@ -140,16 +142,21 @@ class Cluster:
 
     def launch(self, recipe: str, config: str, overrides: list[str] = (), env_file: str | None = None,
                sync_first: bool = True, include_dirty: bool = False, force: bool = False,
-               run_preflight: bool = True) -> Run:
+               run_preflight: bool = True, resume: str | None = None) -> Run:
         """Start `python -m mllm_jax train RECIPE` detached, one process per selected worker
         (coordinator = the first), after syncing and bringing each venv up to date. On a VM the
         config is first compiled for its TPU type (preflight) and refused if it cannot fit,
         before any worker is touched. Nothing half-started: a failed start stops the processes
-        already started."""
+        already started.
+
+        `resume` (a run id, or "latest"): continue that run from its latest complete checkpoint
+        with the same run id (same run dir, W&B run and metrics.jsonl); refused in one line when
+        it has no checkpoint."""
         config_arg, sha = self._config_and_sha(config)
-        check_config(recipe, config, list(overrides))
+        resolved = check_config(recipe, config, list(overrides))
         if run_preflight and self.accelerator_type:
             preflight.gate(recipe, config, list(overrides), self.accelerator_type)
+        resumed = self._resumable(resume, resolved) if resume else None  # before anything changes there
         if not self.is_local:
             sha = self.sync("HEAD", include_dirty) if sync_first else "nosync"
         busy = sorted({r for t in self.targets for r in jobs.running_jobs(t)})
@@ -164,10 +171,11 @@ class Cluster:
             conns = self.conns
             ssh.fan_out(self.selected, lambda w: remote.refresh(conns, w))
         self._check_same_jax()
-        run_id = contracts.run_id(recipe, sha)
+        run_id = resumed or contracts.run_id(recipe, sha)
         coordinator = (f"{self.internal_ips[self.targets[0].index]}:{contracts.COORDINATOR_PORT}"
                        if not self.is_local else None)
-        spec = jobs.LaunchSpec(recipe, config_arg, list(overrides), run_id, env_file, coordinator, len(self.targets))
+        spec = jobs.LaunchSpec(recipe, config_arg, list(overrides), run_id, env_file, coordinator, len(self.targets),
+                               resume=bool(resume))
         started: list[jobs.Target] = []
         try:
             for process_id, t in enumerate(self.targets):
@@ -179,6 +187,21 @@ class Cluster:
                 ssh.emit(t.label, f"stopping {run_id}: {jobs.stop(t, run_id, grace=5)}")
             raise
         return Run(self, run_id)
+
+    def _resumable(self, resume: str, resolved: dict) -> str:
+        """The run id `resume` names ("latest": the first target's runs/latest), after checking
+        that the run is there and, when its checkpoints are on the workers' disks, that one is
+        complete (a gs:// directory is the trainer's to check: it refuses in one line)."""
+        t = self.targets[0]
+        run_id = jobs.latest_run(t) if resume == contracts.LATEST else resume
+        run = jobs.run_path(run_id)
+        if t.sh(f"test -d {t.repo}/{run}")[0]:
+            raise LauncherError(f"--resume {resume}: no run {run_id} on {t.label}")
+        directory = (resolved.get("train") or {}).get("checkpoint_dir") or f"{run}/{contracts.CHECKPOINTS_DIR}"
+        if "://" not in directory and not jobs.checkpoint_steps(t, directory):
+            raise LauncherError(f"--resume {resume}: run {run_id} has no complete checkpoint in {directory} on "
+                                f"{t.label}; nothing to resume (launch it afresh)")
+        return run_id
 
     def run(self, run_id: str | None = None) -> Run:
         """A run on this cluster by id; None = the first target's runs/latest."""
@@ -209,10 +232,10 @@ class Cluster:
                                     f"{found[first.index]}: mixed versions hang jax.distributed; run `mllm bootstrap`")
 
 
-def check_config(recipe: str, config: str, overrides: list[str]) -> None:
+def check_config(recipe: str, config: str, overrides: list[str]) -> dict:
     """Refuse a bad recipe, config file or `--set` item on the laptop, before any VM is touched:
     the trainer's own loader resolves the config (`--print-config`, in a child process: the
-    recipe modules import JAX, the launcher does not)."""
+    recipe modules import JAX, the launcher does not). Returns the resolved config."""
     from mllm_jax.recipes import RECIPES
 
     if recipe not in RECIPES:
@@ -230,6 +253,7 @@ def check_config(recipe: str, config: str, overrides: list[str]) -> None:
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         error = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "")
         raise LauncherError(f"--config {config}: {error.removeprefix('error: ')}")
+    return yaml.safe_load(out.stdout) or {}
 
 
 def _importable_jax(t: jobs.Target) -> str:

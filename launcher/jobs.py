@@ -133,6 +133,9 @@ class LaunchSpec:
     """Env file on the target, passed to the trainer's --env-file (the values never appear here)."""
     coordinator: str | None
     num_processes: int
+    resume: bool = False
+    """Continue the existing run `run_id` from its latest checkpoint (the trainer's --resume):
+    its dir is reused, the old exit file removed and the log appended to."""
 
 
 BUSY_EXIT = 75
@@ -150,6 +153,8 @@ def job_script(t: Target, spec: LaunchSpec, process_id: int) -> str:
         train += ["--set", shlex.quote(item)]
     if spec.env_file:
         train += ["--env-file", shlex.quote(spec.env_file)]
+    if spec.resume:
+        train.append("--resume")
     env = ""
     if spec.num_processes > 1:
         env = (f"export {contracts.ENV_COORDINATOR}={shlex.quote(spec.coordinator or '')} "
@@ -171,18 +176,20 @@ def start(t: Target, spec: LaunchSpec, process_id: int = 0) -> None:
     a job is alive there or the run dir exists: of two simultaneous launches, one starts."""
     k = t.index
     run = run_path(spec.run_id)
+    fresh = (f'rm -f {run}/{worker_file(k, "exit")}' if spec.resume
+             else f'[ ! -e {run} ] || {{ echo "MLLM_BUSY {run} exists"; exit {BUSY_EXIT}; }}')
     code, out = t.sh(f"""set -e
 cd {t.repo}
 mkdir -p {RUNS}
 exec 9>{RUNS}/.launch.lock
 flock -w 30 9 || {{ echo "MLLM_BUSY another launch holds {RUNS}/.launch.lock"; exit {BUSY_EXIT}; }}
 {_LIVE_JOBS.replace('echo "MLLM_BUSY $f";', 'echo "MLLM_BUSY $f"; exit ' + str(BUSY_EXIT) + ';')}
-[ ! -e {run} ] || {{ echo "MLLM_BUSY {run} exists"; exit {BUSY_EXIT}; }}
+{fresh}
 mkdir -p {run}/{contracts.LOGS_DIR}
 cat > {run}/{worker_file(k, "sh")}
 {_CLEAR_STALE_TPU_LOCK}
 ln -sfn {spec.run_id} {RUNS}/{contracts.LATEST}
-setsid nohup sh {run}/{worker_file(k, "sh")} > {run}/{worker_log(k)} 2>&1 < /dev/null 9>&- &
+setsid nohup sh {run}/{worker_file(k, "sh")} {">>" if spec.resume else ">"} {run}/{worker_log(k)} 2>&1 < /dev/null 9>&- &
 echo $! > {run}/{worker_file(k, "pid")}""", stdin=job_script(t, spec, process_id))
     if code == BUSY_EXIT:
         what = next((line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("MLLM_BUSY ")), "busy")
@@ -328,6 +335,13 @@ else
   echo "stopped (its wrapper was gone, so no exit code was recorded)"
 fi""", "stopping the job")
     return out.strip().splitlines()[-1]
+
+
+def checkpoint_steps(t: Target, directory: str) -> list[int]:
+    """The complete checkpoints' steps in `directory` (relative to the repo, or absolute) on the
+    target: orbax names a finished one by its step alone, one being written has a suffix."""
+    code, out = t.sh(f"cd {t.repo} && ls -1 {shlex.quote(directory)} 2>/dev/null")
+    return sorted(int(name) for name in out.split() if name.isdigit()) if code == 0 else []
 
 
 def latest_run(t: Target) -> str:

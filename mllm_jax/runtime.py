@@ -242,13 +242,22 @@ def memory_report(compiled) -> dict[str, int]:
     return out
 
 
-def step_memory(compiled) -> dict:
-    """memory_report of a run's compiled train step, with the chip's HBM share on a TPU."""
-    out = memory_report(compiled)
-    kind = jax.devices()[0].device_kind
-    if kind in HBM_BYTES:
-        out.update(device_kind=kind, hbm_share=out["peak"] / HBM_BYTES[kind])
-    return out
+class CompiledStep:
+    """A jitted train step compiled ahead of its first call (every call has the same shapes and
+    shardings), so that the run can report what XLA says it needs: `memory` is memory_report of
+    it, with `device_kind` and `hbm_share` (peak / the chip's HBM) on a TPU; None before."""
+
+    def __init__(self, jitted) -> None:
+        self.jitted, self.compiled, self.memory = jitted, None, None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = self.jitted.lower(*args).compile()
+            self.memory = memory_report(self.compiled)
+            kind = jax.devices()[0].device_kind
+            if kind in HBM_BYTES:
+                self.memory.update(device_kind=kind, hbm_share=self.memory["peak"] / HBM_BYTES[kind])
+        return self.compiled(*args)
 
 
 def peak_flops_per_second() -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MLLM, REPO, SHAKESPEARE, launcher_env, mllm
+from conftest import MLLM, REPO, SHAKESPEARE, launcher_env, losses, mllm
 from harness.tpu_slice import ZONE, Slice
 
 pytestmark = pytest.mark.e2e  # real sshd workers
@@ -133,6 +133,40 @@ def test_killing_the_client_leaves_the_job_running_until_stop(tmp_path, hosts, r
         summary = json.loads((run("fetch-summary") and (repo / "runs" / status["run"] / "run_summary.json")).read_text())
         assert summary["status"] == "stopped" and summary["latest_checkpoint_step"] == summary["final_step"]
         assert run("vm", "delete", "--yes").returncode == 0
+
+
+def test_launch_resume_continues_the_same_run_bit_exactly(tmp_path):
+    """`mllm launch --resume latest` continues the run from its last checkpoint under the same
+    run id: metrics.jsonl goes on from there, and every step's loss equals an uninterrupted run's.
+    A run that is not there, or has no checkpoint, is refused in one line before anything starts."""
+    env = {k: v for k, v in launcher_env(tmp_path, "http://127.0.0.1:9").items() if k != "MLLM_TPU_API_ENDPOINT"}
+    args = ["nanogpt", "--local", "--config", str(REPO / "configs" / "nanogpt" / "cpu_smoke.yaml"),
+            "--set", f"data.path={SHAKESPEARE}", "--set", "train.lr_decay_steps=40", "--set", "train.log_every=1",
+            "--set", "sample.max_new_tokens=0", "--follow"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    for d in (whole, part):
+        d.mkdir()
+    run_id = lambda d: json.loads(mllm("status", "--local", "--json", cwd=d, env=env).stdout)["run"]  # noqa: E731
+    assert mllm("launch", *args, "--set", "train.max_steps=40", cwd=whole, env=env).returncode == 0
+    assert mllm("launch", *args, "--set", "train.max_steps=20", cwd=part, env=env).returncode == 0
+    first = run_id(part)
+    resumed = mllm("launch", *args, "--set", "train.max_steps=40", "--resume", "latest", cwd=part, env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"started {first}" in resumed.stdout and "resumed from step 20" in resumed.stdout
+    assert run_id(part) == first and len(list((part / "runs").glob("nanogpt-*"))) == 1
+    got, want = losses(part / "runs" / first), losses(whole / "runs" / run_id(whole))
+    assert sorted(got) == list(range(1, 41)) and got == want
+    summary = json.loads((part / "runs" / first / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_step"] == 40
+    log = (part / "runs" / first / "logs" / "worker-0.log").read_text()
+    assert "step 20/20" in log and "step 40/40" in log, "the log is appended to"
+
+    (part / "runs" / "nanogpt-20990101-000000-abcdef0").mkdir()  # a run dir without checkpoints
+    for name, want in [("nanogpt-20990101-000000-abcdef0", "has no complete checkpoint in runs/nanogpt-"),
+                       ("nanogpt-20990102-000000-abcdef0", "no run nanogpt-20990102-000000-abcdef0")]:
+        out = mllm("launch", *args, "--resume", name, cwd=part, env=env)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and want in out.stderr, out.stderr
+    assert run_id(part) == first
 
 
 def test_local_launch_needs_no_cloud(tmp_path):

@@ -129,8 +129,7 @@ class NanoGPTTask:
         self.state = self.programs.init(self.programs.init_key)
         self.flops_per_token = flops_per_token(cfg.model, num_params(self.state["params"]))
         self._eval_loss = self.programs.eval_loss
-        self._compiled_step: Any = None
-        self.step_memory: dict[str, int] | None = None
+        self._train_step = runtime.CompiledStep(self.programs.train_step)
         # The same held-out batches at every evaluation: comparable numbers, no training RNG used.
         self.eval_batches = [self._batch("val", i) for i in range(t.eval_iters)]
 
@@ -139,11 +138,11 @@ class NanoGPTTask:
         return runtime.to_global(self.data.batch(split, self.cfg.seed, index, b, self.rows), self.mesh, b)
 
     def train_step(self, state: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        batch = self._batch("train", step)
-        if self._compiled_step is None:  # compiled ahead of the call: its memory goes into the summary
-            self._compiled_step = self.programs.train_step.lower(state, batch).compile()
-            self.step_memory = runtime.step_memory(self._compiled_step)
-        return self._compiled_step(state, batch)
+        return self._train_step(state, self._batch("train", step))
+
+    @property
+    def step_memory(self) -> dict[str, int] | None:
+        return self._train_step.memory
 
     def learning_rate(self, step: int) -> float:
         return float(self.schedule(step))
@@ -207,10 +206,9 @@ def preflight(cfg: Config, mesh: jax.sharding.Mesh) -> "Plan":
     programs = NanoGPTPrograms(cfg, mesh, vocab)
     state, batch = programs.abstract_state, programs.abstract_batch()
     tokens = cfg.train.global_batch_size * cfg.model.block_size
-    n_params = num_params(jax.tree.map(lambda x: np.zeros(x.shape, np.int8), state["params"]))
     m = cfg.model
     return Plan([Program("train_step", programs.train_step, (state, batch),
-                         model_flops=flops_per_token(m, n_params) * tokens,
+                         model_flops=flops_per_token(m, num_params(state["params"])) * tokens,
                          note=f"{cfg.train.global_batch_size} x {m.block_size} tokens"),
                  Program("eval_loss", programs.eval_loss, (state["params"], batch))],
                 facts={"layers": m.n_layer, "n_embd": m.n_embd, "block_size": m.block_size,

@@ -265,8 +265,7 @@ class SFTTask:
         self.search = BeamSearch(self.model, prep.trie, cfg.eval.num_beams, mesh) if prep.trie else None
         self.flops_per_token = qwen2.flops_per_token(self.model_cfg, self.seq)
         self._eval_sums = self.programs.eval_sums
-        self._compiled_step: Any = None
-        self.step_memory: dict[str, int] | None = None
+        self._train_step = runtime.CompiledStep(self.programs.train_step)
 
     # --- batches ---------------------------------------------------------------------------
     def _train_batch(self, step: int) -> dict[str, jax.Array]:
@@ -280,11 +279,11 @@ class SFTTask:
 
     # --- the Task protocol -----------------------------------------------------------------
     def train_step(self, state: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        batch = self._train_batch(step)
-        if self._compiled_step is None:  # compiled ahead of the call: its memory goes into the summary
-            self._compiled_step = self.programs.train_step.lower(state, batch).compile()
-            self.step_memory = runtime.step_memory(self._compiled_step)
-        return self._compiled_step(state, batch)
+        return self._train_step(state, self._train_batch(step))
+
+    @property
+    def step_memory(self) -> dict[str, int] | None:
+        return self._train_step.memory
 
     def learning_rate(self, step: int) -> float:
         return float(self.schedule(step))
