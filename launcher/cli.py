@@ -334,16 +334,90 @@ def launch_cmd(
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN",
                                          help="Continue RUN (or `latest`) from its last checkpoint: same run id, "
                                               "W&B run and metrics.jsonl."),
+    bucket: Optional[str] = typer.Option(None, "--bucket", metavar="gs://BUCKET[/PREFIX]",
+                                         help="Checkpoints in BUCKET/<run id>/checkpoints unless the config names "
+                                              "train.checkpoint_dir (default: $MLLM_BUCKET, else the last one used)."),
+    recover: bool = typer.Option(False, "--recover", help="Then supervise the run here like `mllm watch`: recreate a "
+                                                          "preempted VM and resume (needs checkpoints on a bucket)."),
+    max_recoveries: int = typer.Option(3, "--max-recoveries", min=0, help="With --recover: recoveries before giving up."),
+    restart_on_failure: bool = typer.Option(False, "--restart-on-failure", help="With --recover: resume a job that "
+                                                                                "exited non-zero by itself too."),
 ) -> None:
     """Start `python -m mllm_jax train RECIPE` detached on the workers (one process each); on a VM,
     after preflight says the config fits its chips."""
+    if recover and local:
+        raise LauncherError("--recover supervises a TPU VM; it does not apply to --local")
+    if not local:  # the remembered bucket is for VMs; a local run uses one only when given
+        bucket = state.resolve("bucket", bucket, "--bucket", required=False)
     with _cluster(vm, zone, project, worker, internal_ip, user, local) as c:
         run = c.launch(recipe, config, list(overrides), env_file, not no_sync, include_dirty, force, not no_preflight,
-                       resume)
+                       resume, bucket)
+        if bucket:
+            state.remember(bucket=bucket)
         where = " --local" if local else ""
         typer.echo(f"run {run.id}: follow with `mllm logs -f{where}`, results with `mllm fetch-summary{where}`")
-        if follow_logs:
+        if follow_logs and not recover:
             raise typer.Exit(run.wait())
+    if recover:
+        raise typer.Exit(_watch(run.id, max_recoveries, restart_on_failure, None, None))
+
+
+def _watch(run_id: str, max_recoveries: Optional[int], restart_on_failure: Optional[bool], keep_vm: Optional[bool],
+           push_env: Optional[str], poll: float = 30.0, unreachable_after: float = 600.0, backoff: float = 60.0) -> int:
+    """Update the run's watch plan with the options given, then supervise it here."""
+    from pathlib import Path
+
+    from launcher import watch
+
+    plan = watch.load(run_id)
+    for key, value in (("max_recoveries", max_recoveries), ("restart_on_failure", restart_on_failure),
+                       ("keep_vm", keep_vm)):
+        if value is not None:
+            setattr(plan, key, value)
+    if push_env is not None:
+        if not Path(push_env).is_file():
+            raise LauncherError(f"--push-env {push_env}: file not found")
+        plan.env_src = str(Path(push_env).absolute())
+    watch.save(plan)
+    try:
+        return watch.watch(run_id, watch.Timing(poll, unreachable_after, backoff))
+    except KeyboardInterrupt:
+        typer.echo(f"stopped watching {run_id}; the run goes on (`mllm watch {run_id}` picks it up again)", err=True)
+        return 130
+
+
+@app.command("watch")
+def watch_cmd(
+    run: str = typer.Argument(..., help="Run id (as `mllm launch` printed it)."),
+    max_recoveries: Optional[int] = typer.Option(None, "--max-recoveries", min=0, help="Recoveries before giving up (default 3, or as set before)."),
+    restart_on_failure: Optional[bool] = typer.Option(None, "--restart-on-failure/--no-restart-on-failure",
+                                                      help="Also resume a job that exited non-zero by itself."),
+    keep_vm: Optional[bool] = typer.Option(None, "--keep-vm/--delete-vm", help="Keep the VM when the run ends (default: delete it and its queued resource)."),
+    push_env: Optional[str] = typer.Option(None, "--push-env", metavar="FILE", help="Local env file to push again to a recreated VM (as `mllm env push --src`)."),
+    detach: bool = typer.Option(False, "--detach", help="Run in the background (its own session; log in .mllm/watch/RUN.log)."),
+    poll: float = typer.Option(30.0, "--poll", help="Seconds between looks at the VM and the job."),
+    unreachable_after: float = typer.Option(600.0, "--unreachable-after", help="Seconds of unreachable workers on a READY VM before it counts as dead."),
+    backoff: float = typer.Option(60.0, "--backoff", help="First wait after a failed create (doubling)."),
+) -> None:
+    """Supervise a launched run: when its spot VM is preempted (or its queued resource suspended,
+    or its workers stay unreachable), delete it, create it again, bootstrap, sync the run's commit
+    and resume from the last checkpoint; at the end, fetch the summary and delete the VM."""
+    from launcher import watch
+
+    if detach:
+        argv = ["watch", run, "--poll", str(poll), "--unreachable-after", str(unreachable_after), "--backoff", str(backoff)]
+        if max_recoveries is not None:
+            argv += ["--max-recoveries", str(max_recoveries)]
+        if restart_on_failure is not None:
+            argv.append("--restart-on-failure" if restart_on_failure else "--no-restart-on-failure")
+        if keep_vm is not None:
+            argv.append("--keep-vm" if keep_vm else "--delete-vm")
+        if push_env is not None:
+            argv += ["--push-env", push_env]
+        pid = watch.detach(run, argv)
+        typer.echo(f"watching {run} in the background (pid {pid}); log: {watch.log_path(run)}; stop it with `kill {pid}`")
+        return
+    raise typer.Exit(_watch(run, max_recoveries, restart_on_failure, keep_vm, push_env, poll, unreachable_after, backoff))
 
 
 @app.command("preflight")
@@ -354,13 +428,15 @@ def preflight_cmd(
     accelerator_type: str = typer.Option("v6e-8", "--type", help="Accelerator type, e.g. v6e-8, v4-16."),
     as_json: AsJson = False,
     no_cache: bool = typer.Option(False, "--no-cache", help="Compile again even when a cached report exists."),
+    no_estimate: bool = typer.Option(False, "--no-estimate", help="Skip XLA's cost-model estimate (its loop bodies "
+                                                                   "compile one by one): memory only, about twice as fast."),
 ) -> None:
     """Compile the recipe's programs for a TPU slice on this machine (libtpu, no TPU, no VM):
     per-chip HBM, compile seconds, XLA's estimated step time and MFU. Exit 1 when it does not fit."""
     from launcher import preflight
     from mllm_jax.preflight import format_report
 
-    report = preflight.run(recipe, config, list(overrides), accelerator_type, not no_cache)
+    report = preflight.run(recipe, config, list(overrides), accelerator_type, not no_cache, not no_estimate)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     raise typer.Exit(0 if report["fits"] else 1)
 
@@ -434,8 +510,9 @@ def runs_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("run", "vm", "recipe", "commit", "status", "eval/loss", "W&B")
+    table = Table("run", "vm", "recipe", "commit", "status", "eval/loss", "recoveries", "W&B")
     for e in index:
         loss = f"{e['eval_loss']:.4f}" if e["eval_loss"] is not None else "-"
-        table.add_row(e["run"], e["vm"], str(e["recipe"]), str(e["commit"])[:10], str(e["status"]), loss, e["wandb"] or "")
+        table.add_row(e["run"], str(e["vm"]), str(e["recipe"]), str(e["commit"])[:10], str(e["status"]), loss,
+                      str(e.get("recoveries", 0)), e["wandb"] or "")
     Console().print(table)

@@ -14,6 +14,7 @@ commands show it; results are returned.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -45,6 +46,7 @@ class Cluster:
     conns: ssh.Connections | None = None
     accelerator_type: str | None = None
     """The VM's type (e.g. v6e-8), for preflight; None for this machine."""
+    project: str | None = None
 
     @classmethod
     def connect(cls, vm: str | None = None, zone: str | None = None, project: str | None = None,
@@ -63,7 +65,8 @@ class Cluster:
         key_file, _ = keys.ensure_key()
         conns = ssh.Connections(user, key_file, keys.config_dir() / "known_hosts")
         targets: list[jobs.Target] = [jobs.RemoteTarget(conns, w) for w in ssh.select_workers(workers, worker)]
-        return cls(targets, name, z.zone, workers, cloud.worker_ips(node, internal=True), conns, node.accelerator_type)
+        return cls(targets, name, z.zone, workers, cloud.worker_ips(node, internal=True), conns, node.accelerator_type,
+                   z.project)
 
     @classmethod
     def local(cls, root: Path | None = None) -> Cluster:
@@ -142,7 +145,8 @@ class Cluster:
 
     def launch(self, recipe: str, config: str, overrides: list[str] = (), env_file: str | None = None,
                sync_first: bool = True, include_dirty: bool = False, force: bool = False,
-               run_preflight: bool = True, resume: str | None = None) -> Run:
+               run_preflight: bool = True, resume: str | None = None, bucket: str | None = None,
+               recoveries: int = 0, resume_if_any: bool = False) -> Run:
         """Start `python -m mllm_jax train RECIPE` detached, one process per selected worker
         (coordinator = the first), after syncing and bringing each venv up to date. On a VM the
         config is first compiled for its TPU type (preflight) and refused if it cannot fit,
@@ -151,12 +155,28 @@ class Cluster:
 
         `resume` (a run id, or "latest"): continue that run from its latest complete checkpoint
         with the same run id (same run dir, W&B run and metrics.jsonl); refused in one line when
-        it has no checkpoint."""
+        it has no checkpoint.
+
+        `bucket` (gs://NAME[/PREFIX]): unless the config names `train.checkpoint_dir`, the run's
+        checkpoints go to BUCKET/<run id>/checkpoints, which every worker shares and which
+        outlives the VM (what `mllm watch` needs to recover it). `recoveries`: the supervisor's
+        count, for run_summary.json; `resume_if_any`: its relaunch, from step 0 when the run was
+        preempted before its first checkpoint.
+
+        On a VM the launch is recorded in .mllm/watch/<run id>.json for `mllm watch`."""
         config_arg, sha = self._config_and_sha(config)
         resolved = check_config(recipe, config, list(overrides))
+        if (resolved.get("train") or {}).get("checkpoint_dir"):
+            bucket = None  # the config's own directory wins
+        elif bucket:
+            bucket = check_bucket(bucket)
         if run_preflight and self.accelerator_type:
             preflight.gate(recipe, config, list(overrides), self.accelerator_type)
-        resumed = self._resumable(resume, resolved) if resume else None  # before anything changes there
+        if resume and resume_if_any:  # the supervisor's relaunch: the trainer decides (no checkpoint: step 0)
+            jobs.run_path(resume)
+            resumed: str | None = resume
+        else:
+            resumed = self._resumable(resume, resolved, bucket) if resume else None  # before anything changes there
         if not self.is_local:
             sha = self.sync("HEAD", include_dirty) if sync_first else "nosync"
         busy = sorted({r for t in self.targets for r in jobs.running_jobs(t)})
@@ -172,10 +192,12 @@ class Cluster:
             ssh.fan_out(self.selected, lambda w: remote.refresh(conns, w))
         self._check_same_jax()
         run_id = resumed or contracts.run_id(recipe, sha)
+        if bucket:
+            overrides = [*overrides, f"train.checkpoint_dir={bucket}/{run_id}/{contracts.CHECKPOINTS_DIR}"]
         coordinator = (f"{self.internal_ips[self.targets[0].index]}:{contracts.COORDINATOR_PORT}"
                        if not self.is_local else None)
         spec = jobs.LaunchSpec(recipe, config_arg, list(overrides), run_id, env_file, coordinator, len(self.targets),
-                               resume=bool(resume))
+                               resume=bool(resume), resume_if_any=resume_if_any, recoveries=recoveries)
         started: list[jobs.Target] = []
         try:
             for process_id, t in enumerate(self.targets):
@@ -186,19 +208,31 @@ class Cluster:
             for t in started:
                 ssh.emit(t.label, f"stopping {run_id}: {jobs.stop(t, run_id, grace=5)}")
             raise
+        if not self.is_local:
+            if sha == "nosync":
+                sha = _checked_head(self.targets[0])
+            from launcher import watch
+
+            watch.record_launch(run_id, recipe, config_arg, list(overrides), sha, self.vm, self.zone, self.project,
+                                env_file)
         return Run(self, run_id)
 
-    def _resumable(self, resume: str, resolved: dict) -> str:
+    def _resumable(self, resume: str, resolved: dict, bucket: str | None) -> str:
         """The run id `resume` names ("latest": the first target's runs/latest), after checking
         that the run is there and, when its checkpoints are on the workers' disks, that one is
-        complete (a gs:// directory is the trainer's to check: it refuses in one line)."""
+        complete. A bucket directory is the trainer's to check (it refuses in one line). A run whose
+        checkpoints outlive the VM (a bucket, or a shared mount outside the run dir) may come
+        back on a new VM, without a run dir yet."""
         t = self.targets[0]
         run_id = jobs.latest_run(t) if resume == contracts.LATEST else resume
         run = jobs.run_path(run_id)
-        if t.sh(f"test -d {t.repo}/{run}")[0]:
+        directory = ((resolved.get("train") or {}).get("checkpoint_dir")
+                     or (f"{bucket}/{run_id}/{contracts.CHECKPOINTS_DIR}" if bucket else f"{run}/{contracts.CHECKPOINTS_DIR}"))
+        if "://" in directory:
+            return run_id
+        if not directory.startswith("/") and t.sh(f"test -d {t.repo}/{run}")[0]:
             raise LauncherError(f"--resume {resume}: no run {run_id} on {t.label}")
-        directory = (resolved.get("train") or {}).get("checkpoint_dir") or f"{run}/{contracts.CHECKPOINTS_DIR}"
-        if "://" not in directory and not jobs.checkpoint_steps(t, directory):
+        if not jobs.checkpoint_steps(t, directory):
             raise LauncherError(f"--resume {resume}: run {run_id} has no complete checkpoint in {directory} on "
                                 f"{t.label}; nothing to resume (launch it afresh)")
         return run_id
@@ -254,6 +288,23 @@ def check_config(recipe: str, config: str, overrides: list[str]) -> dict:
         error = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "")
         raise LauncherError(f"--config {config}: {error.removeprefix('error: ')}")
     return yaml.safe_load(out.stdout) or {}
+
+
+_BUCKET = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9._/-]*)?$")
+
+
+def check_bucket(url: str) -> str:
+    """A gs:// bucket (and prefix) for checkpoints, without a trailing slash; one line if not."""
+    if not _BUCKET.match(url) or "//" in url[5:] or ".." in url:
+        raise LauncherError(f"--bucket {url!r}: expected gs://BUCKET or gs://BUCKET/PREFIX (lowercase bucket name; "
+                            "letters, digits, '.', '_', '-' and '/' in the prefix)")
+    return url.rstrip("/")
+
+
+def _checked_head(t: jobs.Target) -> str:
+    """The commit checked out on a worker (a launch with --no-sync ran it)."""
+    code, out = t.sh(f"git -C {t.repo} rev-parse HEAD")
+    return out.strip() if code == 0 else "unknown"
 
 
 def _importable_jax(t: jobs.Target) -> str:

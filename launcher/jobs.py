@@ -136,6 +136,10 @@ class LaunchSpec:
     resume: bool = False
     """Continue the existing run `run_id` from its latest checkpoint (the trainer's --resume):
     its dir is reused, the old exit file removed and the log appended to."""
+    resume_if_any: bool = False
+    """With `resume`: the trainer's --resume-if-any (no checkpoint yet: start from step 0)."""
+    recoveries: int = 0
+    """Times the supervisor recreated the VM for this run ($MLLM_RECOVERIES, in run_summary.json)."""
 
 
 BUSY_EXIT = 75
@@ -154,11 +158,11 @@ def job_script(t: Target, spec: LaunchSpec, process_id: int) -> str:
     if spec.env_file:
         train += ["--env-file", shlex.quote(spec.env_file)]
     if spec.resume:
-        train.append("--resume")
-    env = ""
+        train.append("--resume-if-any" if spec.resume_if_any else "--resume")
+    env = f"export {contracts.ENV_RECOVERIES}={spec.recoveries}\n" if spec.recoveries else ""
     if spec.num_processes > 1:
-        env = (f"export {contracts.ENV_COORDINATOR}={shlex.quote(spec.coordinator or '')} "
-               f"{contracts.ENV_NUM_PROCESSES}={spec.num_processes} {contracts.ENV_PROCESS_ID}={process_id}\n")
+        env += (f"export {contracts.ENV_COORDINATOR}={shlex.quote(spec.coordinator or '')} "
+                f"{contracts.ENV_NUM_PROCESSES}={spec.num_processes} {contracts.ENV_PROCESS_ID}={process_id}\n")
     return f"""PY={t.python}
 {env}{" ".join(train)} &
 child=$!

@@ -18,7 +18,7 @@ from mllm_jax.config import ConfigError
 
 
 def run(recipe: str, config: str | None, overrides: list[str], accelerator_type: str,
-        use_cache: bool = True) -> dict[str, Any]:
+        use_cache: bool = True, estimate: bool = True) -> dict[str, Any]:
     """The preflight report (mllm_jax.preflight.run's) of this config for `accelerator_type`,
     computed in a child process in the current directory (the config's relative paths resolve
     as for a local run). Bad input, or no libtpu for this machine, is a LauncherError."""
@@ -29,6 +29,8 @@ def run(recipe: str, config: str | None, overrides: list[str], accelerator_type:
         argv += ["--set", item]
     if not use_cache:
         argv.append("--no-cache")
+    if not estimate:
+        argv.append("--no-estimate")
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     errors: list[str] = []
 
@@ -69,12 +71,13 @@ def unavailable() -> str | None:
 def gate(recipe: str, config: str | None, overrides: list[str], accelerator_type: str) -> dict[str, Any] | None:
     """Before `mllm launch` touches a VM: preflight for its type; one line saying it fits, or
     LauncherError (exit 2) naming the HBM needed vs available and the knob to turn. Where
-    libtpu cannot run, says so in one line and lets the launch go on (None)."""
+    libtpu cannot run, says so in one line and lets the launch go on (None). Memory only: the
+    estimate's extra compiles would double the wait for nothing the gate uses."""
     why = unavailable()
     if why:
         ssh.emit("preflight", f"skipped: {why}")
         return None
-    report = run(recipe, config, overrides, accelerator_type)
+    report = run(recipe, config, overrides, accelerator_type, estimate=False)
     if not report["fits"]:
         raise LauncherError(trainer_preflight.verdict(report) + " (or launch with --no-preflight)")
     ssh.emit("preflight", trainer_preflight.verdict(report) + (" [cached]" if report.get("cached") else ""))

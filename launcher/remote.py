@@ -259,23 +259,31 @@ def refresh(conns: ssh.Connections, w: ssh.Worker) -> dict | None:
     """Before a launch: bring a venv that `mllm bootstrap` made up to date with the synced
     pyproject (same options as recorded), or make one where there is none. An interpreter given
     with `bootstrap --python` is left alone (None)."""
-    code, interpreter = ssh.capture(conns, w, f"cat {PYTHON_RECORD} 2>/dev/null")
-    interpreter = interpreter.strip()
-    if code or not interpreter:
+    record = bootstrap_record(conns, w)
+    if not record:
         ssh.emit(w.label, "no Python environment yet: bootstrapping")
         return bootstrap(conns, w, InstallOptions(), None)
-    venv = interpreter.rsplit("/bin/", 1)[0]
-    code, text = ssh.capture(conns, w, f"cat {shlex.quote(venv)}/{INSTALL_RECORD} 2>/dev/null")
-    if code:
+    if "python" in record:
         return None
-    try:
-        options = InstallOptions(**json.loads(text)["options"])
-    except (ValueError, KeyError, TypeError):
-        options = InstallOptions(venv=venv)
-    result = bootstrap(conns, w, options, None)
+    result = bootstrap(conns, w, InstallOptions(**record["options"]), None)
     if result["state"] == "installed":
         ssh.emit(w.label, f"environment updated in {result['seconds']:.1f}s: {result['reason']}")
     return result
+
+
+def bootstrap_record(conns: ssh.Connections, w: ssh.Worker) -> dict:
+    """How this worker was bootstrapped, to do it again on a recreated VM: {"python": PATH} for
+    an interpreter given with --python, {"options": ...} for a venv bootstrap made ({} before any)."""
+    code, interpreter = ssh.capture(conns, w, f"cat {PYTHON_RECORD} 2>/dev/null")
+    interpreter = interpreter.strip()
+    if code or not interpreter:
+        return {}
+    venv = interpreter.rsplit("/bin/", 1)[0]
+    code, text = ssh.capture(conns, w, f"cat {shlex.quote(venv)}/{INSTALL_RECORD} 2>/dev/null")
+    try:
+        return {"options": asdict(InstallOptions(**json.loads(text)["options"]))} if code == 0 else {"python": interpreter}
+    except (ValueError, KeyError, TypeError):
+        return {"options": asdict(InstallOptions(venv=venv))}
 
 
 def _checked(conns: ssh.Connections, w: ssh.Worker, command: str) -> None:

@@ -81,10 +81,24 @@ def record(run_id: str, summary: dict[str, Any], vm: str | None, zone: str | Non
         "eval_loss": evals[-1]["loss"] if evals else None,
         "best_eval_loss": best.get("loss"),
         "wandb": summary.get("wandb", {}).get("url") or summary.get("wandb", {}).get("sync_command"),
+        "recoveries": summary.get("recoveries", 0),
         "dest": str(dest / run_id),
         "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     index = load_index()
+    index[run_id] = entry
+    state.ensure_dir()
+    _index_path().write_text(json.dumps(index, indent=2) + "\n")
+    return entry
+
+
+def mark(run_id: str, **fields: Any) -> dict[str, Any]:
+    """Merge `fields` into the run's index entry (one with the shown keys unset when there is
+    none yet): the supervisor's status and recoveries between fetches."""
+    index = load_index()
+    entry = index.get(run_id) or {"run": run_id, "vm": None, "recipe": None, "commit": None, "status": None,
+                                  "eval_loss": None, "wandb": None}
+    entry.update(fields)
     index[run_id] = entry
     state.ensure_dir()
     _index_path().write_text(json.dumps(index, indent=2) + "\n")

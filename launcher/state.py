@@ -1,4 +1,4 @@
-"""Remembered defaults (last VM, zone, project) in a git-ignored `.mllm/` dir next to the repo,
+"""Remembered defaults (last VM, zone, project, bucket) in a git-ignored `.mllm/` dir next to the repo,
 so that later commands may omit `--vm/--zone/--project`."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from launcher.errors import LauncherError
 
 STATE_DIR = Path(".mllm")
-_ENV = {"vm": "MLLM_VM", "zone": "MLLM_ZONE", "project": "MLLM_PROJECT"}
+_ENV = {"vm": "MLLM_VM", "zone": "MLLM_ZONE", "project": "MLLM_PROJECT", "bucket": "MLLM_BUCKET"}
 
 
 def _path() -> Path:

@@ -12,6 +12,9 @@ import orbax.checkpoint as ocp
 
 from mllm_jax.config import ConfigError
 
+HISTORY_KEY = "metrics"
+"""In a checkpoint's custom metadata: metrics.jsonl's events up to its step."""
+
 
 def space_short(directory: str, state: Any) -> str | None:
     """Why one more checkpoint of `state` would not fit on the local disk of `directory` (None:
@@ -42,9 +45,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def maybe_save(self, step: int, state: Any, force: bool = False) -> bool:
+    def maybe_save(self, step: int, state: Any, force: bool = False, history: list[dict] | None = None) -> bool:
         """Save when `step` is on the interval (or `force`); saving is asynchronous. A disk too
-        full for it raises OSError(ENOSPC) before anything is written."""
+        full for it raises OSError(ENOSPC) before anything is written. `history` (the run's
+        metric events so far) travels in the checkpoint's metadata: a run resumed on a new VM,
+        whose disk is gone, still has every step's metrics."""
         if not force and (self.every <= 0 or step % self.every):
             return False
         if step in self.manager.all_steps():
@@ -52,7 +57,13 @@ class Checkpointer:
         short = space_short(self.directory, state)
         if short:
             raise OSError(errno.ENOSPC, f"No space left on device: {short}")
-        return self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        return self.manager.save(step, args=ocp.args.StandardSave(state), force=True,
+                                 custom_metadata={HISTORY_KEY: history} if history is not None else None)
+
+    def history(self, step: int) -> list[dict] | None:
+        """The metric events saved with checkpoint `step` (None: saved without them)."""
+        found = (self.manager.metadata(step).custom_metadata or {}).get(HISTORY_KEY)
+        return found if isinstance(found, list) else None
 
     def check_compatible(self, step: int, like: Any) -> None:
         """Refuse, in one line and before anything is restored or written, a checkpoint whose

@@ -16,6 +16,9 @@ from typing import Any, Literal, TypedDict
 ENV_COORDINATOR = "MLLM_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "MLLM_NUM_PROCESSES"
 ENV_PROCESS_ID = "MLLM_PROCESS_ID"
+ENV_RECOVERIES = "MLLM_RECOVERIES"
+"""How many times the recovery supervisor (`mllm watch`) has recreated the run's VM and resumed
+it; the trainer reports it as `recoveries` in run_summary.json (0 when unset)."""
 COORDINATOR_PORT = 8476
 """Port of process 0's jax.distributed coordinator, on worker 0's internal IP."""
 
@@ -104,6 +107,8 @@ class _SummaryAlways(TypedDict):
     local_device_count: int
     process_count: int
     mesh: dict[str, int]
+    recoveries: int
+    """Times the run was resumed on a recreated VM by `mllm watch` (from $MLLM_RECOVERIES)."""
     started_at: str
     finished_at: str
     wall_time_sec: float

@@ -213,8 +213,8 @@ def _estimate(pieces: list[tuple[int, Any, tuple]], compiled: Any = None) -> dic
     return {"seconds": seconds, "flops_per_chip": flops, "uncosted_ops": uncosted}
 
 
-def _compile(program: Program, hbm: int, peak: float | None, chips: int) -> dict[str, Any]:
-    """Compile one program; its memory, compile time and (where XLA can tell) estimate."""
+def _compile(program: Program, hbm: int, peak: float | None, chips: int, estimate: bool = True) -> dict[str, Any]:
+    """Compile one program; its memory, compile time and (where XLA can tell, and `estimate`) estimate."""
     from jax.errors import JaxRuntimeError
 
     out: dict[str, Any] = {"name": program.name, "note": program.note}
@@ -238,20 +238,25 @@ def _compile(program: Program, hbm: int, peak: float | None, chips: int) -> dict
     out.update(fits=memory["peak"] <= hbm, compile_sec=round(time.perf_counter() - started, 2), memory=memory,
                share=memory["peak"] / hbm, needed=memory["peak"], available=hbm)
     pieces = program.pieces
+    if not estimate:
+        out["estimate"] = None
+        return out
     if pieces is None and " while(" in compiled.as_text():
         out["estimate"] = None  # XLA would count each loop body once
         return out
-    estimate = _estimate(pieces) if pieces is not None else _estimate([(1, program.jitted, program.args)], compiled)
-    if program.model_flops and peak and estimate["seconds"] > 0:
-        estimate["mfu"] = program.model_flops / (estimate["seconds"] * peak * chips)
-    out["estimate"] = estimate
+    found = _estimate(pieces) if pieces is not None else _estimate([(1, program.jitted, program.args)], compiled)
+    if program.model_flops and peak and found["seconds"] > 0:
+        found["mfu"] = program.model_flops / (found["seconds"] * peak * chips)
+    out["estimate"] = found
     return out
 
 
 def run(recipe: str, config: str | None, overrides: list[str], accelerator_type: str,
-        use_cache: bool = True) -> dict[str, Any]:
+        use_cache: bool = True, estimate: bool = True) -> dict[str, Any]:
     """Preflight `recipe` with this config for `accelerator_type`: the report (see
-    docs/contracts.md), also cached. Bad input is a ConfigError."""
+    docs/contracts.md), also cached. Bad input is a ConfigError. `estimate=False` skips XLA's
+    cost-model estimate, whose loop bodies compile one by one (about as long again as the
+    programs): what `mllm launch`'s fit check does."""
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
     if accelerator_type not in TOPOLOGIES:
@@ -269,7 +274,7 @@ def run(recipe: str, config: str | None, overrides: list[str], accelerator_type:
     kind = devices[0].device_kind
     hbm, peak = runtime.HBM_BYTES.get(kind, 0), runtime.peak_flops(kind)
     key_text = json.dumps({"v": CACHE_VERSION, "recipe": recipe, "config": config_lib.to_yaml(cfg),
-                           "facts": plan.facts, "type": accelerator_type, "jax": jax.__version__,
+                           "facts": plan.facts, "type": accelerator_type, "estimate": estimate, "jax": jax.__version__,
                            "libtpu": libtpu_version, "source": _source_hash()}, sort_keys=True, default=str)
     key = hashlib.sha256(key_text.encode()).hexdigest()[:32]
     cached = cache_dir() / "preflight" / f"{key}.json"
@@ -286,7 +291,7 @@ def run(recipe: str, config: str | None, overrides: list[str], accelerator_type:
         "hosts": len({d.process_index for d in devices}), "device_kind": kind, "hbm_per_chip": hbm,
         "peak_flops_per_chip": peak, "mesh": dict(mesh.shape), "jax": jax.__version__, "libtpu": libtpu_version,
         "facts": plan.facts, "knobs": plan.knobs, "cached": False,
-        "programs": [_compile(p, hbm, peak, len(devices)) for p in plan.programs],
+        "programs": [_compile(p, hbm, peak, len(devices), estimate) for p in plan.programs],
     }
     report["fits"] = all(p["fits"] for p in report["programs"])
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -347,8 +352,8 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(recipe: str, config: str | None, overrides: list[str], accelerator_type: str, as_json: bool,
-         use_cache: bool) -> int:
+         use_cache: bool, estimate: bool = True) -> int:
     """`python -m mllm_jax preflight`: print the report; exit 0 when every program fits, 1 when not."""
-    report = run(recipe, config, overrides, accelerator_type, use_cache)
+    report = run(recipe, config, overrides, accelerator_type, use_cache, estimate)
     print(json.dumps(report, indent=2) if as_json else format_report(report), flush=True)
     return 0 if report["fits"] else 1

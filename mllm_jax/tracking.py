@@ -53,7 +53,9 @@ class Tracker:
     """Appends metric events to metrics.jsonl and mirrors them to W&B (process 0 only)."""
 
     def __init__(self, run_dir: Path, cfg: WandbConfig, config: dict[str, Any], active: bool,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, resume_history: list[dict[str, Any]] | None = None):
+        """On resume, the events up to `resume_step` are kept: `resume_history` (saved with the
+        checkpoint) when given, else the run dir's own metrics.jsonl."""
         self.active = active
         self.path = run_dir / METRICS_FILE
         self.history: list[dict[str, Any]] = []
@@ -61,10 +63,12 @@ class Tracker:
         self.cfg = cfg
         if not active:
             return
-        if resume_step is not None and self.path.exists():
+        if resume_step is not None and (resume_history is not None or self.path.exists()):
             # Events after the checkpoint are replayed by the resumed run: drop the old ones.
-            events = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            events = resume_history if resume_history is not None else [
+                json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.history = [e for e in events if e["step"] <= resume_step]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("".join(json.dumps(e) + "\n" for e in self.history))
         if cfg.mode != "disabled":
             import wandb

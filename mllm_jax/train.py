@@ -22,9 +22,12 @@ from mllm_jax.recipes import RECIPES
 
 
 def train(recipe: str, config: str | None = None, overrides: list[str] = (), resume: bool = False,
-          print_config: bool = False, env_file: str | None = None) -> int:
+          print_config: bool = False, env_file: str | None = None, resume_if_any: bool = False) -> int:
     """Run one recipe; returns the process exit code (contracts: EXIT_OK done, EXIT_STOPPED stopped).
-    Raises ConfigError for bad input, before any compute where it can be known then."""
+    Raises ConfigError for bad input, before any compute where it can be known then.
+    `resume_if_any`: resume, or start from step 0 in the same run dir when there is no complete
+    checkpoint yet (how the recovery supervisor relaunches a run preempted before its first)."""
+    resume = resume or resume_if_any
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
     if env_file is not None and not Path(env_file).is_file():
@@ -34,7 +37,7 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
     if print_config:
         print(config_lib.to_yaml(cfg), end="")
         return EXIT_OK
-    check_output_dir(cfg.output_dir, resume)
+    check_output_dir(cfg.output_dir, resume and not resume_if_any and not cfg.train.checkpoint_dir)
     env_path = env_file or (".env" if Path(".env").is_file() else None)
     if env_path:
         from mllm_jax.envfile import load_env_file
@@ -59,7 +62,8 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
     make_task = module.build(cfg, mesh)  # bad input is refused here, before the run dir exists
     run_dir = trainer.resolve_run_dir(recipe, cfg.output_dir, resume)
     cfg.output_dir = str(run_dir)
-    info = trainer.RunInfo(recipe=recipe, run_dir=run_dir, config=cfg, config_path=config, mesh=mesh, resume=resume)
+    info = trainer.RunInfo(recipe=recipe, run_dir=run_dir, config=cfg, config_path=config, mesh=mesh, resume=resume,
+                           start_if_no_checkpoint=resume_if_any)
     result = trainer.run(info, make_task)
     if result["status"] == "stopped":
         return EXIT_STOPPED
@@ -68,7 +72,9 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
 
 def check_output_dir(output_dir: str | None, resume: bool) -> None:
     """Refuse, before anything is built or written, a run dir that cannot be one: a file, a
-    missing dir to --resume, or a place this process cannot write."""
+    missing dir to --resume (`resume`: the checkpoints are in it; a run whose checkpoints live
+    elsewhere, e.g. on a bucket, may resume on a new machine into a fresh run dir), or a place
+    this process cannot write."""
     path = Path(output_dir or contracts.RUNS_DIR)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output_dir {path}: exists and is not a directory")
@@ -93,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. train.max_steps=100 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
+    p.add_argument("--resume-if-any", action="store_true",
+                   help="like --resume, but start from step 0 when there is no complete checkpoint yet")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--env-file", help="KEY=VALUE file to load (default: ./.env if present)")
     p.add_argument("--run-mode", choices=["train", "eval", "train_eval"],
@@ -108,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--type", dest="accelerator_type", default="v6e-8", help="accelerator type, e.g. v6e-8, v4-16")
     f.add_argument("--json", dest="as_json", action="store_true", help="print the report as JSON")
     f.add_argument("--no-cache", action="store_true", help="compile again even when a cached report exists")
+    f.add_argument("--no-estimate", action="store_true",
+                   help="skip XLA's cost-model estimate (its loop bodies compile one by one): memory only, faster")
     e = sub.add_parser("env-exec", help="run a command with an env file's variables (dotenv parsing, as train's "
                                         "--env-file; `mllm exec --env-file` uses it: the file is never run as shell)")
     e.add_argument("env_file")
@@ -119,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         from mllm_jax import preflight
 
         return run_cli(lambda: preflight.main(args.recipe, args.config, args.overrides, args.accelerator_type,
-                                              args.as_json, not args.no_cache))
+                                              args.as_json, not args.no_cache, not args.no_estimate))
     if args.command == "tiny-model":
         from mllm_jax.models.tiny import write_tiny_model
 
@@ -127,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     overrides = args.overrides + ([f"run_mode={args.run_mode}"] if args.run_mode else [])
     return run_cli(lambda: train(args.recipe, args.config, overrides, args.resume, args.print_config,
-                                 args.env_file))
+                                 args.env_file, args.resume_if_any))
 
 
 def _disk_full(e: BaseException) -> bool:

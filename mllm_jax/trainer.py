@@ -8,6 +8,7 @@ s has seen batches 0..s-1, and metrics logged at step s describe the update that
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import traceback
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 
 from mllm_jax import config as config_lib
-from mllm_jax import contracts, runtime, summary
+from mllm_jax import contracts, preemption, runtime, summary
 from mllm_jax.checkpoint import Checkpointer, space_short
 from mllm_jax.config import ConfigError, NonNegativeInt, PositiveInt
 from mllm_jax.tracking import Console, Tracker, format_eta
@@ -78,6 +79,8 @@ class RunInfo:
     config_path: str | None
     mesh: jax.sharding.Mesh
     resume: bool
+    start_if_no_checkpoint: bool = False
+    """With `resume`: no complete checkpoint yet is not an error; the run starts from step 0."""
 
 
 def resolve_run_dir(recipe: str, output_dir: str | None, resume: bool) -> Path:
@@ -97,13 +100,24 @@ def resolve_run_dir(recipe: str, output_dir: str | None, resume: bool) -> Path:
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT so the loop can checkpoint and leave cleanly (spot preemption,
-    `mllm stop`, Ctrl-C). A repeated TERM changes nothing (the checkpoint is on its way; KILL
-    aborts); a second Ctrl-C interrupts at once."""
+    """Set by SIGTERM/SIGINT, or GCE's preemption notice (the metadata server's
+    `instance/preempted`), so the loop can checkpoint and leave cleanly (spot preemption, `mllm
+    stop`, Ctrl-C). A repeated TERM changes nothing (the checkpoint is on its way; KILL aborts); a
+    second Ctrl-C interrupts at once."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.preempted = False
         self.previous = {sig: signal.signal(sig, self._set) for sig in (signal.SIGTERM, signal.SIGINT)}
+        preemption.watch(self._notice)
+
+    def _notice(self) -> None:
+        self.preempted = True
+        self.signal = self.signal or signal.SIGTERM
+
+    @property
+    def why(self) -> str:
+        return "the metadata server's preemption notice" if self.preempted else f"signal {self.signal}"
 
     def _set(self, signum: int, frame: Any) -> None:
         if self.signal is not None and signum == signal.SIGINT:
@@ -142,16 +156,20 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class NoCheckpoint(ConfigError):
+    """--resume found no complete checkpoint."""
+
+
 def _open_for_resume(directory: str, cfg: LoopConfig) -> tuple[Checkpointer, int]:
     """The checkpointer of the run to continue and its latest step; refused in one line (and
     without creating anything) when there is none."""
     if "://" not in directory and not Path(directory).is_dir():
-        raise ConfigError(f"--resume: no checkpoint directory {directory}")
+        raise NoCheckpoint(f"--resume: no checkpoint directory {directory}")
     checkpointer = Checkpointer(directory, cfg.checkpoint_every, cfg.keep_checkpoints)
     step = checkpointer.latest_step()
     if step is None:
         checkpointer.close()
-        raise ConfigError(f"--resume: no checkpoint in {directory}")
+        raise NoCheckpoint(f"--resume: no checkpoint in {directory}")
     return checkpointer, step
 
 
@@ -173,10 +191,18 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
         "git": summary.git_info(),
         "versions": summary.versions(),
         **summary.hardware(info.mesh),
+        "recoveries": _recoveries(),
         "started_at": _iso(started),
     }
     directory = cfg.train.checkpoint_dir or str(run_dir / contracts.CHECKPOINTS_DIR)
-    checkpointer, resume_step = _open_for_resume(directory, cfg.train) if info.resume else (None, None)
+    checkpointer, resume_step, fresh_start = None, None, False
+    if info.resume:
+        try:
+            checkpointer, resume_step = _open_for_resume(directory, cfg.train)
+        except NoCheckpoint:
+            if not info.start_if_no_checkpoint:
+                raise
+            fresh_start = True  # preempted before its first checkpoint: from step 0, in the same run dir
     try:
         task = make_task()
         if checkpointer is not None:
@@ -201,7 +227,9 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / contracts.CONFIG_FILE, config_lib.to_yaml(cfg))
         _point_latest(run_dir)
-    tracker = Tracker(run_dir, cfg.wandb, config_lib.to_dict(cfg), active=main, resume_step=resume_step)
+    history = checkpointer.history(resume_step) if resume_step is not None else None
+    tracker = Tracker(run_dir, cfg.wandb, config_lib.to_dict(cfg), active=main,
+                      resume_step=0 if fresh_start else resume_step, resume_history=history)
     console: Console | None = None
     stop = _StopFlag()
     try:
@@ -210,6 +238,8 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
         if resume_step is not None:
             state = checkpointer.restore(resume_step, state)
             console.print(f"resumed from step {resume_step} ({checkpointer.directory})")
+        elif fresh_start:
+            console.print(f"no complete checkpoint in {checkpointer.directory} yet: starting from step 0")
         result["status"] = _loop(task, state, cfg.train, tracker, console, checkpointer, stop, result)
     except BaseException as e:  # the summary must say why a run died, whatever killed it
         result["status"] = "failed"
@@ -279,9 +309,10 @@ def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Co
             result["eval_metrics"] = _evaluate(task, state, step, tracker, console)
             last_eval_step = step
             t_mark, step_mark, tokens_mark = time.perf_counter(), step, 0  # evaluation time is not step time
-        checkpointer.maybe_save(step, state, force=step == max_steps or status == "stopped")
+        checkpointer.maybe_save(step, state, force=step == max_steps or status == "stopped",
+                                history=tracker.history if tracker.active else None)
         if status == "stopped":
-            console.print(f"stop requested (signal {stop.signal}): checkpoint saved at step {step}")
+            console.print(f"stop requested ({stop.why}): checkpoint saved at step {step}")
             break
 
     if status == "completed" and last_eval_step != step:  # nothing to train (evaluation only): evaluate once
@@ -338,6 +369,12 @@ def _point_latest(run_dir: Path) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(run_dir.name)
     tmp.replace(link)
+
+
+def _recoveries() -> int:
+    """$MLLM_RECOVERIES as the supervisor set it (0 when unset or not a count)."""
+    text = os.environ.get(contracts.ENV_RECOVERIES, "0")
+    return int(text) if text.isdigit() else 0
 
 
 def _iso(t: float) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,28 @@ def sft_args(model_dir: Path, *extra: str) -> list[str]:
 def shakespeare() -> str:
     assert SHAKESPEARE.is_file(), f"shared data missing: {SHAKESPEARE}"
     return str(SHAKESPEARE)
+
+
+@pytest.fixture()
+def bucket():
+    """A directory every sshd host sees (only /root, /tmp, /run... are private) and a
+    preemption does not take: a stand-in for shared storage, holding Tiny Shakespeare (copied:
+    the shared data dir may itself sit under a private /tmp) and multi-host checkpoints."""
+    path = Path(tempfile.mkdtemp(prefix="mllm-bucket-", dir="/srv"))
+    try:
+        shutil.copy(SHAKESPEARE, path / "input.txt")
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture()
+def gcs():
+    """A GCS-protocol server on loopback (tests/harness/gcs.py) with one empty bucket."""
+    from harness.gcs import GcsServer
+
+    with GcsServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -171,6 +171,15 @@ ROWS: list[tuple[str, list[str], Setup]] = [
     ("launch-local-set-newline", ["mllm", "launch", "nanogpt", "--local", "--config", "cfg.yaml", "--set",
                                   "wandb.name=x\nMLLM_JOB_EOF\ntouch pwned\nexit 0"],
      files(**{"cfg.yaml": SMOKE.read_bytes()})),
+    ("launch-bucket-not-gs", ["mllm", "launch", "nanogpt", "--local", "--config", "cfg.yaml", "--set",
+                              f"data.path={SHAKESPEARE}", "--bucket", "s3://my-bucket"],
+     files(**{"cfg.yaml": SMOKE.read_bytes()})),
+    ("launch-recover-local", ["mllm", "launch", "nanogpt", "--local", "--config", "cfg.yaml", "--recover"],
+     files(**{"cfg.yaml": SMOKE.read_bytes()})),
+    ("watch-run-not-launched", ["mllm", "watch", "nanogpt-20260101-000000-abc1234"], nothing),
+    ("watch-run-id-bad", ["mllm", "watch", "../etc"], nothing),
+    ("watch-plan-garbage", ["mllm", "watch", "nanogpt-20260101-000000-abc1234"],
+     files(**{".mllm__watch__nanogpt-20260101-000000-abc1234.json": b'{"run": 1}'})),
 ]
 
 

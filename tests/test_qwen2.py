@@ -172,7 +172,8 @@ def test_scanned_layers_and_splash_attention_equal_the_plain_model(tmp_path, rem
 
     want_logits = model.apply({"params": params}, ids)[0]
     want, want_grads = jax.value_and_grad(loss)(params, Qwen2(cfg, remat=remat))
-    for kw in ({"scan_layers": True}, {"attention": "splash"}, {"scan_layers": True, "attention": "splash"}):
+    variants = ({"scan_layers": True}, {"attention": "splash"}, {"scan_layers": True, "attention": "splash"})
+    for kw in variants[-1:] if remat else variants:  # remat: the scanned body under jax.checkpoint
         m = Qwen2(cfg, remat=remat, **kw)
         np.testing.assert_allclose(m.apply({"params": params}, ids)[0], want_logits, rtol=1e-5, atol=1e-5,
                                    err_msg=str(kw))
@@ -182,6 +183,8 @@ def test_scanned_layers_and_splash_attention_equal_the_plain_model(tmp_path, rem
         flat_want = dict(jax.tree_util.tree_flatten_with_path(want_grads)[0])
         for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
             np.testing.assert_allclose(g, flat_want[path], rtol=1e-4, atol=1e-6, err_msg=f"{path} {kw}")
+    if remat:
+        return
     # bf16 compute: splash within bf16 tolerance of xla.
     bf16 = lambda **kw: Qwen2(cfg, dtype=jnp.bfloat16, **kw).apply({"params": params}, ids)[0]  # noqa: E731
     np.testing.assert_allclose(bf16(attention="splash"), bf16(), atol=0.05, rtol=0.02)

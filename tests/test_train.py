@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 
 from conftest import MLLM, SMOKE, losses, read_metrics, run_trainer, trainer_cmd, trainer_env
+from mllm_jax import preemption
 from mllm_jax.contracts import NanoGPTSummary, RunSummary
 
 
@@ -168,3 +171,49 @@ def test_mllm_train_is_the_trainers_own_command_line(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown recipe 'nope'; expected one of nanogpt, sft"
     missing = run()
     assert missing.returncode == 2 and "the following arguments are required: recipe" in missing.stderr
+
+
+def test_preemption_notice_from_the_metadata_server_checkpoints_and_stops(tmp_path, shakespeare):
+    """A spot VM's metadata server says TRUE on instance/preempted (a long poll): the trainer
+    saves a checkpoint and stops as on SIGTERM, and says why."""
+    notice = threading.Event()
+    polls: list[str] = []
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            polls.append(self.path)
+            assert self.headers["Metadata-Flavor"] == "Google" and self.path.startswith(preemption.PREEMPTED)
+            if "last_etag" in self.path:  # wait_for_change: answer when the value changes
+                notice.wait(120)
+            body = b"TRUE" if notice.is_set() else b"FALSE"
+            self.send_response(200)
+            self.send_header("ETag", "2" if notice.is_set() else "1")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    run_dir = tmp_path / "run"
+    env = trainer_env(**{preemption.HOST_ENV: f"127.0.0.1:{server.server_address[1]}"})
+    proc = subprocess.Popen(trainer_cmd("--config", str(SMOKE), "--set", f"data.path={shakespeare}",
+                                        "--set", "train.max_steps=100000", "--set", "train.log_every=1",
+                                        "--set", f"output_dir={run_dir}"),
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 5):
+            time.sleep(0.05)
+        notice.set()
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        server.shutdown()
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["latest_checkpoint_step"] == summary["final_step"] >= 5
+    assert (f"stop requested (the metadata server's preemption notice): checkpoint saved at step "
+            f"{summary['final_step']}") in output
+    assert polls[0] == f"{preemption.PREEMPTED}?wait_for_change=true" and "last_etag=1" in polls[1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.sshd import SshCluster
+from harness.sshd import SshCluster, SshHost
 from harness.tpu_api import FakeTpuApi
 
 ZONE = "us-east1-d"
@@ -30,10 +30,25 @@ class Slice:
                 for h in self.hosts.hosts[:count]]
 
     def authorize(self, node: dict) -> None:
-        """What the guest agent does: the node's `ssh-keys` metadata into authorized_keys."""
+        """The node's machines boot (hosts a preemption replaced start now), then what the guest
+        agent does: the node's `ssh-keys` metadata into authorized_keys."""
         user, key = node["metadata"]["ssh-keys"].split(":", 1)
         assert user == "root"
         ips = {ep["ipAddress"] for ep in node["networkEndpoints"]}
         for h in self.hosts:
             if h.ip in ips:
+                if not h.running:
+                    h.start()
                 h.authorize(key)
+
+    def preempt(self, name: str) -> None:
+        """What a spot preemption does: the node PREEMPTED (its queued resource SUSPENDING, then
+        SUSPENDED), its workers' machines gone, every process killed at once and their disks
+        lost. Fresh hosts (new host keys, empty /root and /tmp) take the same addresses, and
+        boot when a node is created on them again."""
+        ips = {ep["ipAddress"] for ep in self.api.node(name)["networkEndpoints"]}
+        self.api.set_state(name, "PREEMPTED")
+        for i, h in enumerate(self.hosts.hosts):
+            if h.ip in ips:
+                h.stop()
+                self.hosts.hosts[i] = SshHost(ip=h.ip)

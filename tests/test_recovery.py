@@ -1,0 +1,180 @@
+"""End-to-end: a spot run that survives preemption unattended. `mllm watch RUN --detach` runs the
+recovery supervisor in the background; the harness preempts the node (every sshd host of it
+killed, their disks lost, state PREEMPTED; through a queued resource, SUSPENDED); the
+supervisor deletes it, creates it again, bootstraps, syncs the run's commit, pushes the env file
+again and resumes from the last checkpoint, which sits on storage that outlives the VM: a bucket
+on the GCS-protocol server (`mllm launch --bucket`), or a directory every host shares.
+Per-step losses equal an uninterrupted run's; nothing is left in the API after the run ends or
+recovery gives up. All through the real `mllm` CLI, the Cloud TPU REST server, the GCS server
+and sshd workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SMOKE, launcher_env, losses, mllm, run_hosts
+from harness.gcs import GcsServer
+from harness.tpu_slice import ZONE, Slice
+
+pytestmark = pytest.mark.e2e  # real sshd workers
+
+STEPS = 40
+SETS = ["--set", f"train.max_steps={STEPS}", "--set", "train.log_every=1", "--set", "train.eval_every=20",
+        "--set", "train.checkpoint_every=10", "--set", "model.dropout=0.1", "--set", "sample.max_new_tokens=0"]
+FAST = ["--poll", "0.5", "--unreachable-after", "20", "--backoff", "0.5"]
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    clone = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    return clone
+
+
+def sets(bucket: Path) -> list[str]:
+    return [*SETS, "--set", f"data.path={bucket / 'input.txt'}"]
+
+
+def wait_for(what: str, predicate, timeout: float = 180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def supervisor_pid(out: subprocess.CompletedProcess) -> int:
+    assert out.returncode == 0, out.stdout + out.stderr
+    return int(out.stdout.split("(pid ")[1].split(")")[0])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def checkpoints(bucket: Path) -> list[int]:
+    return sorted(int(p.name) for p in (bucket / "ckpt").glob("*") if p.name.isdigit())
+
+
+def bucket_checkpoints(gcs: GcsServer, run_id: str) -> list[str]:
+    """Complete checkpoints: orbax marks a step on a bucket with <step>/commit_success.txt."""
+    return [n for n in gcs.objects(f"{run_id}/checkpoints/") if n.endswith("/commit_success.txt") and n.count("/") == 3]
+
+
+def test_preempted_vm_is_recreated_and_the_run_resumes_bit_exactly(tmp_path, hosts, repo, bucket, gcs):
+    reference = tmp_path / "reference"  # the same config, uninterrupted, on two processes
+    procs = run_hosts("--config", str(SMOKE), *sets(bucket), "--set", f"train.checkpoint_dir={tmp_path / 'ref-ckpt'}",
+                      "--set", f"output_dir={reference}", cwd=tmp_path, devices=1)
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr[-2000:] for p in procs]
+
+    tpu = Slice(hosts)
+    with tpu.api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
+        assert run("vm", "create", "pair", "--zone", ZONE, "--type", "v6e-16").returncode == 0
+        assert run("bootstrap", "--python", sys.executable).returncode == 0
+        secrets = tmp_path / "gcs.env"  # the workers' way to the bucket, as a user's .env would hold credentials
+        secrets.write_text("".join(f"{k}={v}\n" for k, v in gcs.env.items()))
+        assert run("env", "push", "--src", str(secrets)).returncode == 0
+        launched = run("launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket),
+                       "--bucket", f"gs://{gcs.bucket}")
+        assert launched.returncode == 0, launched.stdout + launched.stderr
+        run_id = launched.stdout.split("run ")[-1].split(":")[0]
+
+        # The supervisor in the background; killed and started again, it picks the run up
+        # (the same VM: no second one).
+        first = supervisor_pid(run("watch", run_id, "--detach", "--push-env", str(secrets), *FAST))
+        again = run("watch", run_id, "--detach", *FAST)
+        assert again.returncode == 2 and f"run {run_id} is already watched (pid {first}" in again.stderr, again.stderr
+        os.kill(first, signal.SIGKILL)
+        wait_for("the killed supervisor to go", lambda: not alive(first), 10)
+        pid = supervisor_pid(run("watch", run_id, "--detach", *FAST))
+
+        wait_for("a checkpoint on the bucket", lambda: bucket_checkpoints(gcs, run_id))
+        assert len(api.nodes) == 1
+        tpu.preempt("pair")
+        wait_for("the supervisor to finish", lambda: not alive(pid), 300)
+        log = (repo / ".mllm" / "watch" / f"{run_id}.log").read_text()
+        assert "the VM is PREEMPTED: recovery 1/3" in log and "creating pair again (v6e-16, spot)" in log, log
+        assert f"resumed {run_id}" in log and f"{run_id} completed after 1 recoveries" in log, log
+        assert f"pushed {secrets} (4 keys) to the workers" in log, log
+
+        summary = json.loads((repo / "runs" / run_id / "run_summary.json").read_text())
+        assert summary["status"] == "completed" and summary["final_step"] == STEPS and summary["recoveries"] == 1
+        assert summary["checkpoint_dir"] == f"gs://{gcs.bucket}/{run_id}/checkpoints" and summary["process_count"] == 2
+        got, want = losses(repo / "runs" / run_id), losses(reference)
+        assert sorted(got) == list(range(1, STEPS + 1)) and got == want, "per-step losses must equal the uninterrupted run's"
+        assert losses(repo / "runs" / run_id, "eval/loss") == losses(reference, "eval/loss")
+        (entry,) = json.loads(run("runs", "--json").stdout)
+        assert entry["run"] == run_id and entry["recoveries"] == 1 and entry["status"] == "completed"
+        assert "recoveries" in run("runs").stdout
+        assert not api.nodes and not api.queued_resources  # the finished run's VM is deleted
+
+
+def test_suspended_queued_resource_is_recreated_and_giving_up_leaves_nothing(tmp_path, hosts, repo, bucket):
+    """Through a queued resource, on a directory every host shares: a job killed on a live VM
+    (status lost) is resumed in place; one that dies by itself only with --restart-on-failure;
+    the preempted VM is created again after a stockout; when the recoveries are used up the
+    supervisor deletes everything."""
+    tpu = Slice(hosts)
+    with tpu.api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
+        created = run("vm", "create", "q", "--queued", "--spot", "--zone", ZONE, "--type", "v6e-16", "--poll", "0.2")
+        assert created.returncode == 0, created.stderr
+        assert run("bootstrap", "--python", sys.executable).returncode == 0
+        launched = run("launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket),
+                       "--set", "train.max_steps=100000", "--set", f"train.checkpoint_dir={bucket / 'ckpt'}")
+        assert launched.returncode == 0, launched.stdout + launched.stderr
+        run_id = launched.stdout.split("run ")[-1].split(":")[0]
+        wait_for("a checkpoint", lambda: checkpoints(bucket))
+
+        # The job killed on a live VM (as the OOM killer would): no exit file, status `lost`.
+        kill = f'for f in ~/mllm-jax/runs/{run_id}/worker-*.pid; do kill -9 "-$(cat "$f")"; done'
+        assert run("exec", "--", "sh", "-c", kill).returncode == 0
+        states = lambda: [w["state"] for w in json.loads(run("status", "--json").stdout)["workers"]]  # noqa: E731
+        wait_for("status lost", lambda: states() == ["lost", "lost"], 30)
+        pid = supervisor_pid(run("watch", run_id, "--detach", "--max-recoveries", "3", "--restart-on-failure", *FAST))
+        log = repo / ".mllm" / "watch" / f"{run_id}.log"
+        resumed = lambda n: log.read_text().count(f"resumed {run_id}") == n  # noqa: E731
+        wait_for("the job resumed in place", lambda: resumed(1), 120)
+        assert "the job is gone without an exit code: recovery 1/3" in log.read_text()
+        assert "creating" not in log.read_text() and len(api.nodes) == 1  # the same VM
+
+        # The trainer dies by itself (exit 137): a failure, resumed only because of --restart-on-failure.
+        wait_for("the resumed job to run", lambda: states() == ["running", "running"], 60)
+        assert run("exec", "--", "pkill", "-9", "-f", "[m]llm_jax train").returncode == 0
+        wait_for("the restarted job", lambda: resumed(2), 120)
+        assert "the job exited 137 on w" in log.read_text() and ": recovery 2/3" in log.read_text()
+
+        # A preemption through the queued resource, and no capacity at the first try to recreate it.
+        api.fail_next_queued_resource()
+        tpu.preempt("q")
+        wait_for("the run resumed on a new VM", lambda: resumed(3), 300)
+        text = log.read_text()
+        assert "its queued resource is SUSPEND" in text and "creating q again (v6e-16, spot, queued), attempt 1" in text
+        assert "create failed: queued resource q in us-east1-d is FAILED" in text and "attempt 2" in text, text
+        (qr,) = api.queued_resources.values()
+        assert "spot" in qr and qr["state"]["state"] == "ACTIVE"
+
+        tpu.preempt("q")  # again: the three recoveries allowed are used up
+        wait_for("the supervisor to give up", lambda: not alive(pid), 300)
+        text = log.read_text()
+        assert "3 recoveries used up: giving up" in text and f"{run_id} gave up after 2 recoveries and 1 restarts" in text, text
+        assert not api.nodes and not api.queued_resources, (api.nodes, api.queued_resources)
+        (entry,) = json.loads(run("runs", "--json").stdout)
+        assert entry["status"] == "gave up" and entry["recoveries"] == 2
