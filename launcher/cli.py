@@ -276,13 +276,11 @@ def bootstrap_cmd(
 ) -> None:
     """Sync the repo, then install its pyproject.toml into a venv on each worker (uv, no pip or
     ensurepip needed; pinned to this laptop's versions); a no-op in seconds when nothing changed."""
-    from launcher import remote, ssh
+    from launcher import remote
 
     options = remote.InstallOptions(venv, jax_version, python_version, list(find_links), offline, index_url)
     with _cluster(vm, zone, project, worker, internal_ip, user) as c:
-        results = c.bootstrap(options, python, sync_first=not no_sync, include_dirty=include_dirty)
-    for i, r in results.items():
-        ssh.emit(f"w{i}", f"ready: {r['python']} ({remote.describe_bootstrap(r)})")
+        c.bootstrap(options, python, sync_first=not no_sync, include_dirty=include_dirty)
 
 
 @app.command("versions")

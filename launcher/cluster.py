@@ -110,11 +110,15 @@ class Cluster:
 
     def bootstrap(self, options: remote.InstallOptions, python: str | None = None, sync_first: bool = True,
                   include_dirty: bool = False) -> dict[int, dict]:
-        """Install the synced pyproject on every selected worker (or record `python`)."""
+        """Install the synced pyproject on every selected worker (or record `python`); prints
+        `[wK] ready: ...` per worker."""
         conns = self._remote("bootstrap")
         if sync_first and not python:
             self.sync("HEAD", include_dirty)
-        return ssh.fan_out(self.selected, lambda w: remote.bootstrap(conns, w, options, python))
+        results = ssh.fan_out(self.selected, lambda w: remote.bootstrap(conns, w, options, python))
+        for i, r in results.items():
+            ssh.emit(f"w{i}", f"ready: {r['python']} ({remote.describe_bootstrap(r)})")
+        return results
 
     def versions(self) -> tuple[dict, dict[int, dict], list[tuple[int, str]]]:
         """(laptop, per-worker versions, (worker, field) where a worker differs from the laptop)."""

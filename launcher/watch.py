@@ -378,8 +378,7 @@ def _relaunch(plan: Plan, connect: Callable[[], Any]) -> None:
         c.sync(plan.commit)
         boot = plan.bootstrap or {}
         options = remote.InstallOptions(**boot.get("options", {}))
-        for w, r in c.bootstrap(options, boot.get("python"), sync_first=False).items():
-            ssh.emit(f"w{w}", f"ready: {r['python']} ({remote.describe_bootstrap(r)})")
+        c.bootstrap(options, boot.get("python"), sync_first=False)
         if plan.env_src:
             names = c.push_env(Path(plan.env_src), plan.env_file or ENV_ON_WORKER)
             say(plan, f"pushed {plan.env_src} ({len(names)} keys) to the workers")
