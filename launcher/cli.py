@@ -336,7 +336,7 @@ def launch_cmd(
                                          help="Checkpoints in BUCKET/<run id>/checkpoints unless the config names "
                                               "train.checkpoint_dir (default: $MLLM_BUCKET, else the last one used)."),
     recover: bool = typer.Option(False, "--recover", help="Then supervise the run here like `mllm watch`: recreate a "
-                                                          "preempted VM and resume (needs checkpoints on a bucket)."),
+                                                          "preempted VM and resume (needs checkpoints on a bucket; timing from $MLLM_WATCH_*)."),
     max_recoveries: int = typer.Option(3, "--max-recoveries", min=0, help="With --recover: recoveries before giving up."),
     restart_on_failure: bool = typer.Option(False, "--restart-on-failure", help="With --recover: resume a job that "
                                                                                 "exited non-zero by itself too."),
@@ -345,6 +345,10 @@ def launch_cmd(
     after preflight says the config fits its chips."""
     if recover and local:
         raise LauncherError("--recover supervises a TPU VM; it does not apply to --local")
+    if recover:
+        from launcher import watch
+
+        watch.Timing.resolve()  # a bad $MLLM_WATCH_* is refused before anything starts
     if not local:  # the remembered bucket is for VMs; a local run uses one only when given
         bucket = state.resolve("bucket", bucket, "--bucket", required=False)
     with _cluster(vm, zone, project, worker, internal_ip, user, local) as c:
@@ -361,12 +365,14 @@ def launch_cmd(
 
 
 def _watch(run_id: str, max_recoveries: Optional[int], restart_on_failure: Optional[bool], keep_vm: Optional[bool],
-           push_env: Optional[str], poll: float = 30.0, unreachable_after: float = 600.0, backoff: float = 60.0) -> int:
+           push_env: Optional[str], poll: Optional[float] = None, unreachable_after: Optional[float] = None,
+           backoff: Optional[float] = None) -> int:
     """Update the run's watch plan with the options given, then supervise it here."""
     from pathlib import Path
 
     from launcher import watch
 
+    timing = watch.Timing.resolve(poll=poll, unreachable_after=unreachable_after, backoff=backoff)
     plan = watch.load(run_id)
     for key, value in (("max_recoveries", max_recoveries), ("restart_on_failure", restart_on_failure),
                        ("keep_vm", keep_vm)):
@@ -378,7 +384,7 @@ def _watch(run_id: str, max_recoveries: Optional[int], restart_on_failure: Optio
         plan.env_src = str(Path(push_env).absolute())
     watch.save(plan)
     try:
-        return watch.watch(run_id, watch.Timing(poll, unreachable_after, backoff))
+        return watch.watch(run_id, timing)
     except KeyboardInterrupt:
         typer.echo(f"stopped watching {run_id}; the run goes on (`mllm watch {run_id}` picks it up again)", err=True)
         return 130
@@ -393,9 +399,9 @@ def watch_cmd(
     keep_vm: Optional[bool] = typer.Option(None, "--keep-vm/--delete-vm", help="Keep the VM when the run ends (default: delete it and its queued resource)."),
     push_env: Optional[str] = typer.Option(None, "--push-env", metavar="FILE", help="Local env file to push again to a recreated VM (as `mllm env push --src`)."),
     detach: bool = typer.Option(False, "--detach", help="Run in the background (its own session; log in .mllm/watch/RUN.log)."),
-    poll: float = typer.Option(30.0, "--poll", help="Seconds between looks at the VM and the job."),
-    unreachable_after: float = typer.Option(600.0, "--unreachable-after", help="Seconds of unreachable workers on a READY VM before it counts as dead."),
-    backoff: float = typer.Option(60.0, "--backoff", help="First wait after a failed create (doubling)."),
+    poll: Optional[float] = typer.Option(None, "--poll", min=0, help="Seconds between looks at the VM and the job (default 30, or $MLLM_WATCH_POLL)."),
+    unreachable_after: Optional[float] = typer.Option(None, "--unreachable-after", min=0, help="Seconds of unreachable workers on a READY VM before it counts as dead (default 600, or $MLLM_WATCH_UNREACHABLE_AFTER)."),
+    backoff: Optional[float] = typer.Option(None, "--backoff", min=0, help="First wait after a failed create, doubling (default 60, or $MLLM_WATCH_BACKOFF)."),
 ) -> None:
     """Supervise a launched run: when its spot VM is preempted (or its queued resource suspended,
     or its workers stay unreachable), delete it, create it again, bootstrap, sync the run's commit
@@ -403,7 +409,11 @@ def watch_cmd(
     from launcher import watch
 
     if detach:
-        argv = ["watch", run, "--poll", str(poll), "--unreachable-after", str(unreachable_after), "--backoff", str(backoff)]
+        watch.Timing.resolve(poll=poll, unreachable_after=unreachable_after, backoff=backoff)  # bad input: here
+        argv = ["watch", run]
+        for flag, value in (("--poll", poll), ("--unreachable-after", unreachable_after), ("--backoff", backoff)):
+            if value is not None:
+                argv += [flag, str(value)]
         if max_recoveries is not None:
             argv += ["--max-recoveries", str(max_recoveries)]
         if restart_on_failure is not None:

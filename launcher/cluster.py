@@ -217,8 +217,11 @@ class Cluster:
                 sha = _checked_head(self.targets[0])
             from launcher import watch
 
+            # How the workers were bootstrapped, now, while they answer: a VM preempted right after
+            # the launch must still be created again the same way.
+            boot = remote.bootstrap_record(self.conns, self.workers[0]) if self.conns is not None else None
             watch.record_launch(run_id, recipe, config_arg, list(overrides), sha, self.vm, self.zone, self.project,
-                                env_file)
+                                env_file, boot)
         return Run(self, run_id)
 
     def _resumable(self, resume: str, resolved: dict, bucket: str | None) -> str:

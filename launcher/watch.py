@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -47,6 +48,10 @@ EVENTS_KEPT = 200
 KEPT = ("env_src", "vm_request", "bootstrap", "max_recoveries", "restart_on_failure", "keep_vm", "recoveries",
         "restarts", "events")
 """What a new launch of a watched run (its resume) keeps of the old plan."""
+
+
+class Unrecoverable(LauncherError):
+    """A recovery that cannot work by trying again: the watch ends, as failed."""
 
 
 @dataclass
@@ -116,15 +121,16 @@ def load(run_id: str) -> Plan:
 
 
 def record_launch(run_id: str, recipe: str, config: str, overrides: list[str], commit: str, vm: str, zone: str,
-                  project: str, env_file: str | None) -> None:
-    """What `mllm launch` started, for a later `mllm watch RUN`; a plan already there (a
-    resume of a watched run) keeps its counts and choices."""
+                  project: str, env_file: str | None, bootstrap: dict[str, Any] | None = None) -> None:
+    """What `mllm launch` started (and how its workers were bootstrapped), for a later `mllm watch
+    RUN`; a plan already there (a resume of a watched run) keeps its counts and choices."""
     old = state.read_json_object(plan_path(run_id))
-    plan = Plan(run_id, recipe, config, list(overrides), commit, vm, zone, project, env_file)
+    plan = Plan(run_id, recipe, config, list(overrides), commit, vm, zone, project, env_file, bootstrap=bootstrap)
     if old:  # keep the counts and options; what was learned about the VM only if it is the same one
         same_vm = (old.get("vm"), old.get("zone"), old.get("project")) == (vm, zone, project)
         plan = Plan(**{**old, **asdict(plan), **{k: old.get(k) for k in KEPT},
                        **({} if same_vm else {"vm_request": None, "bootstrap": None}), "status": "launched"})
+        plan.bootstrap = bootstrap or plan.bootstrap
     save(plan)
 
 
@@ -245,6 +251,11 @@ def _look_job(plan: Plan, connect: Callable[[], Any]) -> Look:
 
 # -- the loop ------------------------------------------------------------------------------------
 
+ENV_TIMING = {"poll": "MLLM_WATCH_POLL", "unreachable_after": "MLLM_WATCH_UNREACHABLE_AFTER",
+              "backoff": "MLLM_WATCH_BACKOFF"}
+"""Environment variables for `Timing`'s fields, used where no flag sets them (`mllm launch --recover`)."""
+
+
 @dataclass
 class Timing:
     poll: float = 30.0
@@ -253,6 +264,23 @@ class Timing:
     backoff: float = 60.0
     """First wait after a failed create (doubling, at most 30 minutes)."""
     create_timeout: float = 3600.0
+
+    @classmethod
+    def resolve(cls, **given: float | None) -> "Timing":
+        """The flags given, else $MLLM_WATCH_*, else the defaults."""
+        values: dict[str, float] = {}
+        for key, env in ENV_TIMING.items():
+            value, text = given.get(key), os.environ.get(env, "").strip()
+            if value is None and text:
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = -1.0
+                if not value >= 0:
+                    raise LauncherError(f"${env}={text!r}: expected seconds (a number >= 0)")
+            if value is not None:
+                values[key] = value
+        return cls(**values)
 
 
 def watch(run_id: str, timing: Timing = Timing()) -> int:
@@ -273,6 +301,9 @@ def watch(run_id: str, timing: Timing = Timing()) -> int:
         say(plan, f"watching {run_id} on {plan.vm} ({plan.zone}); {plan.recoveries}/{plan.max_recoveries} "
                   "recoveries used")
         _complete(plan, z, connect)
+        if plan.env_file and not plan.env_src:
+            say(plan, f"note: the job reads {plan.env_file} on the workers, which a VM created again will not have; "
+                      "watch with --push-env FILE to push it there again")
         unreachable_since: float | None = None
         while True:
             seen = look(z, plan, connect)
@@ -281,7 +312,8 @@ def watch(run_id: str, timing: Timing = Timing()) -> int:
                 if time.monotonic() - unreachable_since < timing.unreachable_after:
                     time.sleep(timing.poll)
                     continue
-                seen = Look("dead", f"{seen.why}, for {time.monotonic() - unreachable_since:.0f}s")
+                seen = Look("dead", f"the workers have been unreachable for "
+                                    f"{time.monotonic() - unreachable_since:.0f}s ({seen.why})")
             unreachable_since = None
             if seen.kind == "running":
                 if plan.status != "watching":
@@ -309,6 +341,9 @@ def watch(run_id: str, timing: Timing = Timing()) -> int:
                 if seen.kind == "dead":
                     _recreate(plan, z, timing)
                 _relaunch(plan, connect)
+            except Unrecoverable as e:
+                say(plan, f"recovery {plan.recoveries + plan.restarts} failed: {e}")
+                return _finish(plan, z, connect, "failed", 1, timing, fetch=False)
             except (LauncherError, ssh.ConnectionLost, *ssh.TRANSPORT_ERRORS) as e:
                 say(plan, f"recovery {plan.recoveries + plan.restarts} failed: {e}")  # the next look decides
                 time.sleep(timing.poll)
@@ -318,11 +353,11 @@ def watch(run_id: str, timing: Timing = Timing()) -> int:
 
 def _complete(plan: Plan, z: cloud.Zone, connect: Callable[[], Any]) -> None:
     """Learn, from the live VM, what recreating it needs: its spec and how it was bootstrapped."""
-    if plan.vm_request is None:
+    if plan.vm_request is None:  # a node that is already PREEMPTED still says what it was
         node = z.find(plan.vm)
-        if node is None or node.state.name != "READY":
-            raise LauncherError(f"TPU VM {plan.vm} is {node.state.name if node else 'gone'}: the supervisor must "
-                                "first see it READY to learn how to recreate it")
+        if node is None:
+            raise LauncherError(f"TPU VM {plan.vm} is gone: the supervisor must first see it to learn how to "
+                                "create it again")
         qr = z.find_queued(plan.vm)
         capacity = ("reserved" if qr is not None and qr.reservation_name else
                     "spot" if (qr is not None and "spot" in qr) or node.scheduling_config.spot else
@@ -382,6 +417,10 @@ def _relaunch(plan: Plan, connect: Callable[[], Any]) -> None:
         if plan.env_src:
             names = c.push_env(Path(plan.env_src), plan.env_file or ENV_ON_WORKER)
             say(plan, f"pushed {plan.env_src} ({len(names)} keys) to the workers")
+        elif plan.env_file and c.targets[0].sh(f"test -f {shlex.quote(plan.env_file)}")[0] != 0:
+            raise Unrecoverable(f"the job reads {plan.env_file}, which this VM does not have, and no --push-env file "
+                                f"was given; push it (`mllm env push --src FILE`), then `mllm launch ... --resume "
+                                f"{plan.run}` and watch it with --push-env FILE")
         c.launch(plan.recipe, plan.config, plan.overrides, plan.env_file, sync_first=False, force=True,
                  run_preflight=False, resume=plan.run, recoveries=plan.recoveries, resume_if_any=True)
     say(plan, f"resumed {plan.run}")

@@ -73,6 +73,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The suite runs in two processes (pytest-xdist, `-n 2 --dist loadgroup` in pyproject.toml).
+    The tests on sshd workers go to one of them, one at a time: they share the loopback
+    addresses (a preempted host takes its address again) and the harness's timeouts; the other
+    tests spread over both."""
+    for item in items:
+        if item.get_closest_marker("e2e") or "hosts" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("sshd"))
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen2 in HF format, written by the documented command."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMOKE, launcher_env, losses, mllm, run_hosts
+from conftest import MLLM, REPO, SHAKESPEARE, SMOKE, launcher_env, losses, mllm, run_hosts
 from harness.gcs import GcsServer
 from harness.tpu_slice import ZONE, Slice
+from launcher.watch import CREATE_ATTEMPTS
 
 pytestmark = pytest.mark.e2e  # real sshd workers
 
@@ -30,6 +32,17 @@ STEPS = 40
 SETS = ["--set", f"train.max_steps={STEPS}", "--set", "train.log_every=1", "--set", "train.eval_every=20",
         "--set", "train.checkpoint_every=10", "--set", "model.dropout=0.1", "--set", "sample.max_new_tokens=0"]
 FAST = ["--poll", "0.5", "--unreachable-after", "20", "--backoff", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The tests' config run uninterrupted on two processes, as the recovered runs are."""
+    out = tmp_path_factory.mktemp("reference")
+    procs = run_hosts("--config", str(SMOKE), *SETS, "--set", f"data.path={SHAKESPEARE}",
+                      "--set", f"train.checkpoint_dir={out / 'ckpt'}", "--set", f"output_dir={out / 'run'}",
+                      cwd=out, devices=1)
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr[-2000:] for p in procs]
+    return out / "run"
 
 
 @pytest.fixture()
@@ -75,12 +88,7 @@ def bucket_checkpoints(gcs: GcsServer, run_id: str) -> list[str]:
     return [n for n in gcs.objects(f"{run_id}/checkpoints/") if n.endswith("/commit_success.txt") and n.count("/") == 3]
 
 
-def test_preempted_vm_is_recreated_and_the_run_resumes_bit_exactly(tmp_path, hosts, repo, bucket, gcs):
-    reference = tmp_path / "reference"  # the same config, uninterrupted, on two processes
-    procs = run_hosts("--config", str(SMOKE), *sets(bucket), "--set", f"train.checkpoint_dir={tmp_path / 'ref-ckpt'}",
-                      "--set", f"output_dir={reference}", cwd=tmp_path, devices=1)
-    assert [p.returncode for p in procs] == [0, 0], [p.stderr[-2000:] for p in procs]
-
+def test_preempted_vm_is_recreated_and_the_run_resumes_bit_exactly(tmp_path, hosts, repo, bucket, gcs, reference):
     tpu = Slice(hosts)
     with tpu.api as api:
         env = launcher_env(tmp_path, api.endpoint)
@@ -125,11 +133,12 @@ def test_preempted_vm_is_recreated_and_the_run_resumes_bit_exactly(tmp_path, hos
         assert not api.nodes and not api.queued_resources  # the finished run's VM is deleted
 
 
-def test_suspended_queued_resource_is_recreated_and_giving_up_leaves_nothing(tmp_path, hosts, repo, bucket):
+def test_suspended_queued_resource_is_recreated_and_the_run_completes_bit_exactly(tmp_path, hosts, repo, bucket,
+                                                                                  reference):
     """Through a queued resource, on a directory every host shares: a job killed on a live VM
     (status lost) is resumed in place; one that dies by itself only with --restart-on-failure;
-    the preempted VM is created again after a stockout; when the recoveries are used up the
-    supervisor deletes everything."""
+    the suspended queued resource is created again after a stockout, and the run completes with
+    the uninterrupted run's losses; its VM and queued resource are deleted."""
     tpu = Slice(hosts)
     with tpu.api as api:
         env = launcher_env(tmp_path, api.endpoint)
@@ -137,8 +146,9 @@ def test_suspended_queued_resource_is_recreated_and_giving_up_leaves_nothing(tmp
         created = run("vm", "create", "q", "--queued", "--spot", "--zone", ZONE, "--type", "v6e-16", "--poll", "0.2")
         assert created.returncode == 0, created.stderr
         assert run("bootstrap", "--python", sys.executable).returncode == 0
+        assert run("exec", "--", "rm", "-f", "/root/.env").returncode == 0  # what the supervisor of a test before pushed
         launched = run("launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket),
-                       "--set", "train.max_steps=100000", "--set", f"train.checkpoint_dir={bucket / 'ckpt'}")
+                       "--set", f"train.checkpoint_dir={bucket / 'ckpt'}")
         assert launched.returncode == 0, launched.stdout + launched.stderr
         run_id = launched.stdout.split("run ")[-1].split(":")[0]
         wait_for("a checkpoint", lambda: checkpoints(bucket))
@@ -147,7 +157,7 @@ def test_suspended_queued_resource_is_recreated_and_giving_up_leaves_nothing(tmp
         kill = f'for f in ~/mllm-jax/runs/{run_id}/worker-*.pid; do kill -9 "-$(cat "$f")"; done'
         assert run("exec", "--", "sh", "-c", kill).returncode == 0
         states = lambda: [w["state"] for w in json.loads(run("status", "--json").stdout)["workers"]]  # noqa: E731
-        wait_for("status lost", lambda: states() == ["lost", "lost"], 30)
+        assert states() == ["lost", "lost"]
         pid = supervisor_pid(run("watch", run_id, "--detach", "--max-recoveries", "3", "--restart-on-failure", *FAST))
         log = repo / ".mllm" / "watch" / f"{run_id}.log"
         resumed = lambda n: log.read_text().count(f"resumed {run_id}") == n  # noqa: E731
@@ -164,17 +174,54 @@ def test_suspended_queued_resource_is_recreated_and_giving_up_leaves_nothing(tmp
         # A preemption through the queued resource, and no capacity at the first try to recreate it.
         api.fail_next_queued_resource()
         tpu.preempt("q")
-        wait_for("the run resumed on a new VM", lambda: resumed(3), 300)
+        wait_for("the supervisor to finish", lambda: not alive(pid), 300)
         text = log.read_text()
         assert "its queued resource is SUSPEND" in text and "creating q again (v6e-16, spot, queued), attempt 1" in text
         assert "create failed: queued resource q in us-east1-d is FAILED" in text and "attempt 2" in text, text
-        (qr,) = api.queued_resources.values()
-        assert "spot" in qr and qr["state"]["state"] == "ACTIVE"
+        assert f"{run_id} completed after 2 recoveries and 1 restarts" in text, text
 
-        tpu.preempt("q")  # again: the three recoveries allowed are used up
-        wait_for("the supervisor to give up", lambda: not alive(pid), 300)
-        text = log.read_text()
-        assert "3 recoveries used up: giving up" in text and f"{run_id} gave up after 2 recoveries and 1 restarts" in text, text
+        summary = json.loads((repo / "runs" / run_id / "run_summary.json").read_text())
+        assert summary["status"] == "completed" and summary["final_step"] == STEPS and summary["recoveries"] == 2
+        got, want = losses(repo / "runs" / run_id), losses(reference)
+        assert sorted(got) == list(range(1, STEPS + 1)) and got == want, "per-step losses must equal the uninterrupted run's"
         assert not api.nodes and not api.queued_resources, (api.nodes, api.queued_resources)
         (entry,) = json.loads(run("runs", "--json").stdout)
-        assert entry["status"] == "gave up" and entry["recoveries"] == 2
+        assert entry["status"] == "completed" and entry["recoveries"] == 2
+
+
+def test_launch_recover_gives_up_on_silent_workers_and_stockouts_leaving_nothing(tmp_path, hosts, repo, bucket):
+    """`mllm launch --recover` supervises in the foreground (timing from $MLLM_WATCH_*). The node's
+    machines die while the API still says READY: only the workers' silence past the unreachable
+    timeout tells. Creating it again (directly, no queued resource) meets a stockout at every
+    try; the supervisor backs off, gives up, exits 1, and deletes what is left."""
+    tpu = Slice(hosts)
+    with tpu.api as api:
+        env = {**launcher_env(tmp_path, api.endpoint), "MLLM_WATCH_POLL": "0.3", "MLLM_WATCH_UNREACHABLE_AFTER": "2",
+               "MLLM_WATCH_BACKOFF": "0.05"}
+        run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
+        assert run("vm", "create", "solo", "--zone", ZONE, "--type", "v6e-8").returncode == 0
+        assert run("bootstrap", "--python", sys.executable).returncode == 0
+        bad = mllm("launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), "--recover", cwd=repo,
+                   env={**env, "MLLM_WATCH_POLL": "soon"})
+        assert bad.returncode == 2 and bad.stderr.strip().endswith("$MLLM_WATCH_POLL='soon': expected seconds "
+                                                                   "(a number >= 0)"), bad.stderr
+        assert not (repo / ".mllm" / "watch").exists()  # refused before anything started
+        out = tmp_path / "recover.out"
+        with open(out, "w") as f:
+            proc = subprocess.Popen([MLLM, "launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket),
+                                     "--set", "train.max_steps=100000", "--recover", "--max-recoveries", "1"],
+                                    cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for("the supervisor to watch", lambda: "recoveries used" in out.read_text(), 120)
+            api.fail_next_operation(verb="create", times=CREATE_ATTEMPTS)
+            tpu.preempt("solo", state=None)
+            assert proc.wait(timeout=120) == 1, out.read_text()
+        finally:
+            proc.kill()
+        text = out.read_text()
+        assert re.search(r"the workers have been unreachable for \d+s \(.+\): recovery 1/1", text), text
+        assert text.count("create failed: ") == CREATE_ATTEMPTS and "quota or capacity exhausted" in text, text
+        assert "1 recoveries used up: giving up" in text and "gave up after 1 recoveries" in text, text
+        assert not api.nodes and not api.queued_resources, (api.nodes, api.queued_resources)
+        (entry,) = json.loads(run("runs", "--json").stdout)
+        assert entry["status"] == "gave up" and entry["recoveries"] == 1

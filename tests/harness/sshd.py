@@ -344,14 +344,15 @@ class SshHost:
             return []
         return _pids_in_mount_ns(self._mnt_ns)
 
-    def stop(self) -> None:
-        """Kill every process of the host (the namespace and its mounts go with them), delete its files."""
+    def stop(self, grace: float = 5.0) -> None:
+        """Kill every process of the host (the namespace and its mounts go with them), delete its
+        files. sshd gets `grace` seconds after SIGTERM; 0: SIGKILL at once, as a machine that dies."""
         if self._stopped:
             return
         self._stopped = True
         try:
             if self._proc is not None:
-                self._kill_all()
+                self._kill_all(grace)
         finally:
             self._lease.release()
             shutil.rmtree(self._state, ignore_errors=True)
@@ -438,16 +439,16 @@ class SshHost:
         self.stop()
         raise error(f"sshd for {self.ip}:{self.port} {why}.\n--- sshd log (setup errors included) ---\n{log}")
 
-    def _kill_all(self) -> None:
+    def _kill_all(self, grace: float) -> None:
         proc = self._proc
         assert proc is not None
         ns = self._mnt_ns or _try_readlink(f"/proc/{proc.pid}/ns/mnt")
         own_ns = os.readlink("/proc/self/ns/mnt")
         # sshd is PID 1 of the host's pid namespace: when it dies the kernel kills the rest.
         with _suppress_missing():
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=max(grace, 5))
         except subprocess.TimeoutExpired:
             with _suppress_missing():
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -472,13 +472,15 @@ class FakeTpuApi:
             self._failures.append(_Failure(error, method.upper() if method else None, path, times))
 
     def fail_next_operation(self, code: int | str = "RESOURCE_EXHAUSTED",
-                            message: str = "There is no more capacity in the zone; try another zone") -> None:
-        """Make the next create/delete operation (of a node or a queued resource) end with this
-        google.rpc error (what it created is removed, as after a stockout; what it was deleting is
-        back as it was); the request itself still succeeds."""
+                            message: str = "There is no more capacity in the zone; try another zone",
+                            verb: str | None = None, times: int = 1) -> None:
+        """Make the next `times` create/delete operations (of a node or a queued resource; only
+        `verb`'s, "create" or "delete", if given) end with this google.rpc error (what it created is
+        removed, as after a stockout; what it was deleting is back as it was); the request itself
+        still succeeds."""
         code_num = RPC_CODES[code] if isinstance(code, str) else int(code)
         with self._lock:
-            self._op_failures.append({"code": code_num, "message": message})
+            self._op_failures.extend({"code": code_num, "message": message, "verb": verb} for _ in range(times))
 
     def fail_next_queued_resource(self, code: int | str = "RESOURCE_EXHAUSTED",
                                   message: str = "There is no more capacity in the zone; try another zone") -> None:
@@ -811,10 +813,13 @@ class FakeTpuApi:
         service's own, e.g. a QR provisioning its node) takes no `fail_next_operation` error."""
         location = target.split("/nodes/")[0].split("/queuedResources/")[0]
         op_id = f"operation-{int(time.time() * 1000)}-{secrets.token_hex(6)}"
+        planned = None if internal else next((f for f in self._op_failures if f["verb"] in (None, verb)), None)
+        if planned is not None:
+            self._op_failures.remove(planned)
         op = _Operation(name=f"{location}/operations/{op_id}", verb=verb, target=target,
                         due=(time.monotonic() if start is None else start) + self.op_delay,
                         create_time=now_rfc3339(),
-                        planned_error=self._op_failures.pop(0) if self._op_failures and not internal else None)
+                        planned_error={k: planned[k] for k in ("code", "message")} if planned else None)
         self._ops[op.name] = op
         return op
 

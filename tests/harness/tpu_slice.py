@@ -41,14 +41,17 @@ class Slice:
                     h.start()
                 h.authorize(key)
 
-    def preempt(self, name: str) -> None:
+    def preempt(self, name: str, state: str | None = "PREEMPTED") -> None:
         """What a spot preemption does: the node PREEMPTED (its queued resource SUSPENDING, then
         SUSPENDED), its workers' machines gone, every process killed at once and their disks
         lost. Fresh hosts (new host keys, empty /root and /tmp) take the same addresses, and
-        boot when a node is created on them again."""
+        boot when a node is created on them again. With `state=None` the API goes on saying
+        READY, as for a hung machine: only the workers' silence tells."""
         ips = {ep["ipAddress"] for ep in self.api.node(name)["networkEndpoints"]}
-        self.api.set_state(name, "PREEMPTED")
         for i, h in enumerate(self.hosts.hosts):
             if h.ip in ips:
-                h.stop()
+                h.stop(grace=0)
                 self.hosts.hosts[i] = SshHost(ip=h.ip)
+        # The state last: a node created again once the API says PREEMPTED gets the new machines.
+        if state is not None:
+            self.api.set_state(name, state)
