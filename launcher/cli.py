@@ -428,6 +428,64 @@ def watch_cmd(
     raise typer.Exit(_watch(run, max_recoveries, restart_on_failure, keep_vm, push_env, poll, unreachable_after, backoff))
 
 
+@app.command("regress")
+def regress_cmd(
+    suite: Optional[str] = typer.Argument(None, help="A suite under configs/regress/ (cpu, sop-v6e8) or a YAML file "
+                                                     "(default: cpu with --local, else sop-v6e8)."),
+    vm: Vm = None, zone: Zone = None, project: Project = None, internal_ip: InternalIp = False,
+    user: User = "root", local: Local = False,
+    overrides: list[str] = typer.Option([], "--set", metavar="[RUN:]KEY=VALUE",
+                                        help="Override a config key of one run (RUN:) or of every run (repeatable)."),
+    no_preflight: bool = typer.Option(False, "--no-preflight", envvar="MLLM_NO_PREFLIGHT",
+                                      help="Launch the runs without compiling them for the VM's TPU type first."),
+    compare: Optional[tuple[str, str]] = typer.Option(None, "--compare", metavar="REPORT_A REPORT_B",
+                                                      help="Print what changed between two .json reports; run nothing."),
+    record: Optional[str] = typer.Option(None, "--record", metavar="REPORT",
+                                         help="Store a .json report's observed values as its suite's baselines "
+                                              "(configs/regress/baselines/SUITE.yaml: review the diff, commit it)."),
+) -> None:
+    """Run a regression suite (the seed runbook as one command): sync, versions, each run launched
+    and followed like `mllm launch --follow`, its summary fetched and every check judged against the
+    stored baselines; a table, and a report in reports/. Exit 0 only if every check passes."""
+    from pathlib import Path
+
+    from launcher import regress, sync
+
+    if compare and any(compare):
+        changes = regress.compare(regress.read_report(compare[0]), regress.read_report(compare[1]))
+        typer.echo("\n".join(changes) if changes else "no changes")
+        return
+    if record:
+        path, changes = regress.record(regress.read_report(record), sync.repo_root() if sync.head_or_none()
+                                       else Path.cwd())
+        typer.echo("\n".join(changes) if changes else "no baseline changed")
+        typer.echo(f"wrote {path}: review it (`git diff {path}`) and commit it")
+        return
+    import os
+
+    root = sync.repo_root() if not local or sync.head_or_none() else Path.cwd()  # a local suite may run outside git
+    path = regress.suite_path(suite or ("cpu" if local else "sop-v6e8"), root).resolve()
+    os.chdir(root)  # the suite's paths, runs/ and reports/ are the repository's
+    s = regress.load_suite(path, root)
+    sets = regress.overrides_by_run(s, list(overrides))
+    regress.validate(s, sets, root)
+    if not local:
+        sync.resolve_commit(root)  # a dirty tree is refused before any VM is touched
+    with _cluster(vm, zone, project, "all", internal_ip, user, local) as c:
+        report = regress.run_suite(s, c, sets, root, not no_preflight)
+    js, md = regress.write_report(report)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("run", "check", "expected", "observed", "result")
+    for r in report["runs"]:
+        for ch in r["checks"]:
+            table.add_row(r["name"], ch["check"], ch["expected"], ch["detail"], ch["status"])
+    Console().print(table)
+    typer.echo(f"{'PASSED' if report['passed'] else 'FAILED'}: report {md} ({js})")
+    raise typer.Exit(0 if report["passed"] else 1)
+
+
 @app.command("preflight")
 def preflight_cmd(
     recipe: str = typer.Argument(..., help="Recipe, e.g. sft."),

@@ -38,9 +38,12 @@ class Checkpointer:
         """`directory`: a local path or a bucket URL such as gs://bucket/run (orbax's epath)."""
         self.every = every
         self.directory = directory if "://" in directory else str(Path(directory).absolute())
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_handlers=ocp.StandardCheckpointHandler())  # known before any save: metadata of old steps
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+                item_handlers=ocp.StandardCheckpointHandler())  # known before any save: metadata of old steps
+        except OSError as e:  # e.g. a path under a file, or no permission: the config's fault, one line
+            raise ConfigError(f"train.checkpoint_dir {directory}: cannot create it ({e.strerror or e})") from None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -42,6 +42,11 @@ def sft(*sets: str, extra: tuple[str, ...] = ()) -> list[str]:
     return ["train", "sft", *sft_args(Path("model"), "base_model=./model", "train.max_steps=1", *sets), *extra]
 
 
+def suite(check: str = "exit_ok") -> bytes:
+    """A regression suite of one run ("nano", the smoke config as cfg.yaml) with this check."""
+    return f"steps:\n  - run: nano\n    recipe: nanogpt\n    config: cfg.yaml\n    checks: [{check}]\n".encode()
+
+
 def subprocess_run(argv: list[str]) -> list[str]:
     """The same trainer argv, through the real `python -m mllm_jax` in a subprocess."""
     return ["python", "-m", "mllm_jax", *argv]
@@ -90,6 +95,7 @@ def run_record(tmp: Path, request: pytest.FixtureRequest) -> None:
 
 ROWS: list[tuple[str, list[str], Setup]] = [
     # --- nanoGPT values ------------------------------------------------------------------------
+    ("checkpoint-dir-under-a-file", nano("train.checkpoint_dir=/dev/null/ckpt"), nothing),
     ("lr-negative", nano("train.learning_rate=-1"), nothing),
     ("lr-zero", nano("train.learning_rate=0"), nothing),
     ("lr-nan", nano("train.learning_rate=.nan"), nothing),  # config.py (others)
@@ -176,6 +182,19 @@ ROWS: list[tuple[str, list[str], Setup]] = [
      files(**{"cfg.yaml": SMOKE.read_bytes()})),
     ("launch-recover-local", ["mllm", "launch", "nanogpt", "--local", "--config", "cfg.yaml", "--recover"],
      files(**{"cfg.yaml": SMOKE.read_bytes()})),
+    ("regress-suite-missing", ["mllm", "regress", "nope", "--local"], nothing),
+    ("regress-suite-not-yaml", ["mllm", "regress", "suite.yaml", "--local"], files(**{"suite.yaml": b"steps: [\n"})),
+    ("regress-check-key-unknown", ["mllm", "regress", "suite.yaml", "--local"],
+     files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": suite("{metric: eval/loss, tol: 0.1}")})),
+    ("regress-check-two-bounds", ["mllm", "regress", "suite.yaml", "--local"],
+     files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": suite("{metric: eval/loss, tolerance: 1, falls: true}")})),
+    ("regress-config-missing", ["mllm", "regress", "suite.yaml", "--local"], files(**{"suite.yaml": suite()})),
+    ("regress-set-unknown-run", ["mllm", "regress", "suite.yaml", "--local", "--set", "other:train.max_steps=1"],
+     files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": suite()})),
+    ("regress-set-unknown-key", ["mllm", "regress", "suite.yaml", "--local", "--set", "nano:train.max_stepz=1"],
+     files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": suite()})),
+    ("regress-compare-missing", ["mllm", "regress", "--compare", "a.json", "b.json"], nothing),
+    ("regress-record-not-a-report", ["mllm", "regress", "--record", "r.json"], files(**{"r.json": b'{"a": 1}'})),
     ("watch-run-not-launched", ["mllm", "watch", "nanogpt-20260101-000000-abc1234"], nothing),
     ("watch-run-id-bad", ["mllm", "watch", "../etc"], nothing),
     ("watch-plan-garbage", ["mllm", "watch", "nanogpt-20260101-000000-abc1234"],

@@ -68,9 +68,23 @@ def test_config_hash_covers_settings_not_the_run_dir():
 def test_shipped_configs_load():
     for path in sorted((REPO / "configs" / "nanogpt").glob("*.yaml")):
         load_config(Config, path)
-    regression = load_config(Config, REPO / "configs" / "nanogpt" / "v6e8_regression_1500.yaml")
-    assert regression.train.max_steps == 1500 and regression.train.lr_decay_steps == 5000
-    assert regression.wandb.mode == "online" and regression.wandb.project == "nano-gpt-jax"
+    # The regression config is the seed's tinyshakespeare_char_v6e_8_refactor_regression_1500steps.yaml
+    # (its values, key by key); the standard config keeps its 5000-step schedule and float32 compute.
+    r = load_config(Config, REPO / "configs" / "nanogpt" / "v6e8_regression_1500.yaml")
+    seed = {"seed": 1337, "block_size": 256, "n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.2, "bias": False,
+            "param_dtype": "float32", "compute_dtype": "bfloat16", "max_steps": 1500, "decay": 1500,
+            "global_batch_size": 64, "learning_rate": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "weight_decay": 0.1,
+            "beta1": 0.9, "beta2": 0.99, "grad_clip": 1.0, "eval_every": 250, "eval_iters": 200}
+    ours = {"seed": r.seed, **{k: getattr(r.model, k) for k in ("block_size", "n_layer", "n_head", "n_embd", "dropout",
+                                                                "bias")},
+            "param_dtype": r.jax.param_dtype, "compute_dtype": r.jax.compute_dtype, "decay": r.train.lr_decay_steps,
+            **{k: getattr(r.train, k) for k in ("max_steps", "global_batch_size", "learning_rate", "min_lr",
+                                                "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
+                                                "eval_every", "eval_iters")}}
+    assert ours == seed
+    assert r.wandb.mode == "online" and r.wandb.project == "nano-gpt-jax"
+    standard = load_config(Config, REPO / "configs" / "nanogpt" / "v6e8.yaml")
+    assert standard.train.max_steps == standard.train.lr_decay_steps == 5000 and standard.jax.compute_dtype == "float32"
 
 
 def test_print_config_prints_resolved_yaml_and_exits(tmp_path):
