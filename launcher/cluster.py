@@ -289,7 +289,7 @@ def check_config(recipe: str, config: str, overrides: list[str]) -> dict:
     for item in overrides:
         argv += ["--set", item]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=Path(config).absolute().parent)
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)  # here: relative paths mean what the run sees
     if out.returncode:
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         error = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "")

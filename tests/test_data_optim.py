@@ -46,6 +46,12 @@ def test_download_checks_sha256_and_caches(tmp_path, http_dir):
     assert len(hits) == 1, "the second call must use the cache"
     with pytest.raises(ConfigError, match="does not match the expected"):
         download(f"{base}/input.txt", tmp_path / "other" / "input.txt", "0" * 64)
+    # No network (or a 404): one line that says what to do, and no half file left in the cache.
+    for url in (f"{base}/missing.txt", "http://no-such-host.invalid/input.txt"):
+        with pytest.raises(ConfigError, match=r"^data.path: not given, and downloading .* failed \(.+\); give a "
+                                              r"local copy with --set data.path=FILE$"):
+            download(url, tmp_path / "offline" / "input.txt", TINY_SHAKESPEARE_SHA256)
+        assert not list((tmp_path / "offline").iterdir())
 
 
 def test_dataset_split_vocab_and_batches():

@@ -5,6 +5,7 @@ status, logs, stop and fetch-summary, all through the real `mllm` CLI."""
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -142,13 +143,17 @@ def test_launch_resume_continues_the_same_run_bit_exactly(tmp_path):
 
 
 def test_local_launch_needs_no_cloud(tmp_path):
+    """The README's main job, its exact line, in a checkout next to the shared data (as here)."""
+    line = next(t for t in (REPO / "README.md").read_text().splitlines() if t.startswith("mllm launch nanogpt --local"))
+    work = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(work)], check=True)
+    (tmp_path / "shared").symlink_to(SHAKESPEARE.parents[2])
     env = {k: v for k, v in launcher_env(tmp_path, "http://127.0.0.1:9").items() if k != "MLLM_TPU_API_ENDPOINT"}
-    out = mllm("launch", "nanogpt", "--local", "--config", str(REPO / "configs" / "nanogpt" / "cpu_smoke.yaml"),
-               "--set", f"data.path={SHAKESPEARE}", "--set", "train.max_steps=20", "--follow", cwd=tmp_path, env=env)
+    out = mllm(*shlex.split(line)[1:], cwd=work, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "[local] step 20/20" in out.stdout
-    status = json.loads(mllm("status", "--local", "--json", cwd=tmp_path, env=env).stdout)
+    assert "[local] step 40/40" in out.stdout
+    status = json.loads(mllm("status", "--local", "--json", cwd=work, env=env).stdout)
     assert status["workers"][0]["state"] == "exited 0"
-    fetched = mllm("fetch-summary", "--local", cwd=tmp_path, env=env)
-    assert fetched.returncode == 0 and "completed at step 20" in fetched.stdout
-    assert (tmp_path / "runs" / status["run"] / "logs" / "worker-0.log").is_file()
+    fetched = mllm("fetch-summary", "--local", cwd=work, env=env)
+    assert fetched.returncode == 0 and "completed at step 40" in fetched.stdout
+    assert (work / "runs" / status["run"] / "logs" / "worker-0.log").is_file()

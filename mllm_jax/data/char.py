@@ -40,10 +40,15 @@ def download(url: str, dest: Path, sha256: str) -> Path:
     """Fetch `url` to `dest` once; a cached or fresh file whose sha256 differs is an error."""
     if not dest.is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as response, tempfile.NamedTemporaryFile(
-            dir=dest.parent, delete=False
-        ) as tmp:
-            shutil.copyfileobj(response, tmp)
+        with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    shutil.copyfileobj(response, tmp)
+            except OSError as e:  # URLError included: no network, DNS, HTTP errors
+                os.unlink(tmp.name)
+                reason = getattr(e, "reason", None) or e
+                raise ConfigError(f"data.path: not given, and downloading {url} failed ({reason}); "
+                                  "give a local copy with --set data.path=FILE") from None
         os.replace(tmp.name, dest)  # atomic: a crash never leaves half a file in the cache
     digest = hashlib.sha256(dest.read_bytes()).hexdigest()
     if digest != sha256:
