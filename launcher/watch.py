@@ -418,9 +418,9 @@ def _relaunch(plan: Plan, connect: Callable[[], Any]) -> None:
             names = c.push_env(Path(plan.env_src), plan.env_file or ENV_ON_WORKER)
             say(plan, f"pushed {plan.env_src} ({len(names)} keys) to the workers")
         elif plan.env_file and c.targets[0].sh(f"test -f {shlex.quote(plan.env_file)}")[0] != 0:
-            raise Unrecoverable(f"the job reads {plan.env_file}, which this VM does not have, and no --push-env file "
-                                f"was given; push it (`mllm env push --src FILE`), then `mllm launch ... --resume "
-                                f"{plan.run}` and watch it with --push-env FILE")
+            raise Unrecoverable(f"the job reads {plan.env_file}, which a VM created again does not have, and no "
+                                f"--push-env file was given; on a new VM: `mllm env push --src FILE`, `mllm launch "
+                                f"... --resume {plan.run}`, then `mllm watch {plan.run} --push-env FILE`")
         c.launch(plan.recipe, plan.config, plan.overrides, plan.env_file, sync_first=False, force=True,
                  run_preflight=False, resume=plan.run, recoveries=plan.recoveries, resume_if_any=True)
     say(plan, f"resumed {plan.run}")
