@@ -7,6 +7,7 @@ guest agent's part of putting the node's `ssh-keys` metadata into each worker's 
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from harness.sshd import SshCluster, SshHost
@@ -22,12 +23,15 @@ class Slice:
     def __init__(self, hosts: SshCluster, publish_keys: bool = True, **api_kwargs: Any):
         self.hosts = hosts
         self.publish_keys = publish_keys
+        self._machines = threading.Lock()
+        """Held while a preemption replaces machines: a node created meanwhile waits for the new ones."""
         self.api = FakeTpuApi(self.hosts_for_node, on_create=self.authorize, **{"op_delay": 0.1, **api_kwargs})
 
     def hosts_for_node(self, node_id: str, accelerator_type: str) -> list[dict]:
         count = min(len(self.hosts), max(1, int(accelerator_type.split("-")[1]) // 8))
-        return [{"ip": h.ip, "host_keys": {h.host_key_type: h.host_public_key_line} if self.publish_keys else {}}
-                for h in self.hosts.hosts[:count]]
+        with self._machines:
+            return [{"ip": h.ip, "host_keys": {h.host_key_type: h.host_public_key_line} if self.publish_keys else {}}
+                    for h in self.hosts.hosts[:count]]
 
     def authorize(self, node: dict) -> None:
         """The node's machines boot (hosts a preemption replaced start now), then what the guest
@@ -48,10 +52,10 @@ class Slice:
         boot when a node is created on them again. With `state=None` the API goes on saying
         READY, as for a hung machine: only the workers' silence tells."""
         ips = {ep["ipAddress"] for ep in self.api.node(name)["networkEndpoints"]}
-        for i, h in enumerate(self.hosts.hosts):
-            if h.ip in ips:
-                h.stop(grace=0)
-                self.hosts.hosts[i] = SshHost(ip=h.ip)
-        # The state last: a node created again once the API says PREEMPTED gets the new machines.
         if state is not None:
             self.api.set_state(name, state)
+        with self._machines:  # a node created again (after the API said PREEMPTED) gets the new machines
+            for i, h in enumerate(self.hosts.hosts):
+                if h.ip in ips:
+                    h.stop(grace=0)
+                    self.hosts.hosts[i] = SshHost(ip=h.ip)
