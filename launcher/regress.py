@@ -321,7 +321,7 @@ def _tiny_model(suite: Suite, root: Path) -> str:
     done = subprocess.run([sys.executable, "-m", "mllm_jax", "tiny-model", str(out)], capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     if done.returncode:
-        raise LauncherError(f"tiny-model {suite.tiny_model}: {done.stderr.strip().splitlines()[-1:]}")
+        raise LauncherError(f"tiny-model {suite.tiny_model}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
     return f"wrote {suite.tiny_model}"
 
 

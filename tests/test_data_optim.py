@@ -70,6 +70,29 @@ def test_dataset_split_vocab_and_batches():
     assert not np.array_equal(val["x"], full["x"])
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_sft_schedules_are_hugging_faces(kind):
+    """sft's schedules equal transformers' get_{linear,cosine}_schedule_with_warmup at every update
+    (linear is sft's default: MiniOneRec's sft.py trains with the Trainer's default)."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    from mllm_jax.recipes.sft import TrainConfig
+
+    assert TrainConfig().lr_schedule == "linear"
+    lr, warmup, total = 3e-4, 5, 40
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    make = get_linear_schedule_with_warmup if kind == "linear" else get_cosine_schedule_with_warmup
+    hf = make(opt, warmup, total)
+    want = []
+    for _ in range(total + 1):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        hf.step()
+    ours = optim.warmup_decay(lr, warmup, total, kind)
+    np.testing.assert_allclose([float(ours(s)) for s in range(total + 1)], want, rtol=1e-5, atol=1e-12)
+
+
 def test_schedule_is_nanogpts():
     lr, min_lr, warmup, decay = 1e-3, 1e-4, 100, 2000
     schedule = optim.warmup_cosine(lr, min_lr, warmup, decay)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -78,11 +79,11 @@ def test_eval_mode_on_a_checkpoint_reproduces_the_final_metrics(tiny_qwen2, tmp_
     assert json.loads((hf_dir / "run_summary.json").read_text())["eval_metrics"]["eval/invalid_prediction_count"] == 0
 
 
-def test_bf16_lion_linear_schedule_epochs_and_remat(tiny_qwen2, tmp_path):
+def test_bf16_lion_cosine_schedule_epochs_and_remat(tiny_qwen2, tmp_path):
     """The other optimizer/schedule/dtype settings train too; epochs set the number of steps."""
     out, run_dir = run_sft(tiny_qwen2, tmp_path, "bf16", "run_mode=train", "train.max_steps=null",
                            "train.num_train_epochs=0.25", "train.optimizer=lion", "train.learning_rate=1e-3",
-                           "train.lr_schedule=linear", "train.warmup_steps=1", "train.gradient_checkpointing=true",
+                           "train.lr_schedule=cosine", "train.warmup_steps=1", "train.gradient_checkpointing=true",
                            "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0", "export_hf=false",
                            "jax.param_dtype=bfloat16", "jax.compute_dtype=bfloat16")
     assert out.returncode == 0, out.stderr
@@ -92,7 +93,8 @@ def test_bf16_lion_linear_schedule_epochs_and_remat(tiny_qwen2, tmp_path):
     train = losses(run_dir)
     assert all(np.isfinite(list(train.values()))) and train[6] < train[1]
     lrs = [e["train/lr"] for e in read_metrics(run_dir) if "train/lr" in e]
-    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-3 / 5)
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 4 / 5)))  # cosine, 4 of 5 decay steps done
 
 
 def test_gradient_accumulation_and_the_chunked_loss_give_the_same_update(tiny_qwen2, tmp_path):

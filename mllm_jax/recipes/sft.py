@@ -51,8 +51,10 @@ class TrainConfig(LoopConfig, OptimizerConfig):
     global_batch_size: PositiveInt = 128
     """Sequences per update; gradient accumulation = global / (per-device x data-parallel
     devices), which must divide exactly. The loss is the token mean over the global batch."""
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """After warmup (linear from 0): decay to 0 at the last step, or stay constant."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
+    """After warmup (linear from 0): decay to 0 at the last step, or stay constant. Linear is what
+    MiniOneRec's sft.py trains with: the Hugging Face Trainer's default (its cosine scheduler is
+    defined but never passed to the Trainer)."""
     max_steps: PositiveInt | None = None
     """Updates in total; None = num_train_epochs over the training examples."""
     num_train_epochs: PositiveFloat = 1.0
