@@ -77,10 +77,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The suite runs in two processes (pytest-xdist, `-n 2 --dist loadgroup` in pyproject.toml).
     The tests on sshd workers go to one of them, one at a time: they share the loopback
     addresses (a preempted host takes its address again) and the harness's timeouts; the other
-    tests spread over both."""
+    tests spread over both.
+
+    Each of those tests gets one rerun (pytest-rerunfailures), and the rerun is reported: a
+    2-process CPU job starved by the other process can miss gloo's fixed 30 s collective
+    timeout and abort (exit 134), seen in 2 of 4 CI runs. A real bug fails its rerun too."""
     for item in items:
         if item.get_closest_marker("e2e") or "hosts" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("sshd"))
+            item.add_marker(pytest.mark.flaky(reruns=1))
 
 
 @pytest.fixture(scope="session")
