@@ -126,23 +126,23 @@ def jax_side(model_dir: str, n: int, batch: int, beams: int) -> dict:
             "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))]}
 
 
-def torch_side(model_dir: str, n: int, batch: int, beams: int) -> dict:
+def constrained_processor(hf_tok, index: dict, eos: int):  # type: ignore[no-untyped-def]
+    """MiniOneRec's ConstrainedLogitsProcessor (LogitProcessor.py) over evaluate.py's hash of allowed next
+    tokens of `tokenizer("### Response:\\n{sid}\\n") + [eos]`: returns a function making a fresh processor
+    for each `generate` call (it counts the decoding steps)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
+    from transformers import LogitsProcessor
 
-    tok, eos, index, prompts = load(model_dir, n)
-    hf_tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     prefix_index = len(hf_tok(HEADER).input_ids)  # MiniOneRec: 3 for Qwen's tokenizer, 4 for GPT-2-like ones
     hash_dict: dict[str, set[int]] = {}
-    for sid in ("".join(t) for t in index.values()):  # evaluate.py's hash of allowed next tokens
+    for sid in ("".join(t) for t in index.values()):
         ids = hf_tok(f"{HEADER}{sid}\n").input_ids + [eos]
         for i in range(prefix_index, len(ids)):
             key = ids[:i] if i == prefix_index else ids[prefix_index:i]
             hash_dict.setdefault("-".join(map(str, key)), set()).add(ids[i])
     allowed_of = {k: list(v) for k, v in hash_dict.items()}
 
-    class ConstrainedLogitsProcessor(LogitsProcessor):  # MiniOneRec's LogitProcessor.py
+    class ConstrainedLogitsProcessor(LogitsProcessor):
         def __init__(self) -> None:
             self.count = 0
 
@@ -156,6 +156,17 @@ def torch_side(model_dir: str, n: int, batch: int, beams: int) -> dict:
             self.count += 1
             return scores + mask
 
+    return ConstrainedLogitsProcessor
+
+
+def torch_side(model_dir: str, n: int, batch: int, beams: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok, eos, index, prompts = load(model_dir, n)
+    hf_tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    processor = constrained_processor(hf_tok, index, eos)
     config = GenerationConfig(num_beams=beams, num_return_sequences=beams, length_penalty=0.0, do_sample=False,
                               max_new_tokens=256, pad_token_id=eos, eos_token_id=eos, top_k=None, top_p=None)
     id_to_token = {tok.token_to_id(t): t for tokens in index.values() for t in tokens}
@@ -165,8 +176,7 @@ def torch_side(model_dir: str, n: int, batch: int, beams: int) -> dict:
         ids = torch.tensor([[eos] * (length - len(p)) + p for p in chunk])
         mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in chunk])
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, generation_config=config,
-                                 logits_processor=[ConstrainedLogitsProcessor()],
+            out = model.generate(ids, attention_mask=mask, generation_config=config, logits_processor=[processor()],
                                  return_dict_in_generate=True, output_scores=True)
         sids = ["".join(id_to_token.get(t, "") for t in seq[length:].tolist()) for seq in out.sequences]
         return ([sids[i:i + beams] for i in range(0, len(sids), beams)],

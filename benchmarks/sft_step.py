@@ -76,6 +76,7 @@ def torch_side(model_dir: str, steps: int, warmup: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from mllm_jax import runtime
     from mllm_jax.recipes import sft
 
     cfg, _, prep = prepare(model_dir)
@@ -88,7 +89,7 @@ def torch_side(model_dir: str, steps: int, warmup: int) -> dict:
     seq = sft.seq_len(prep.train, cfg.data.max_len)
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = sft.step_indices(len(prep.train), GLOBAL_BATCH, cfg.seed, step)
+        idx = runtime.step_indices(len(prep.train), GLOBAL_BATCH, cfg.seed, step)
         b = prep.train.batch(idx, seq, prep.eos_id)
         ids = torch.from_numpy(b["input_ids"]).long()
         return ids, torch.where(torch.from_numpy(b["loss_mask"]), ids, -100)

@@ -139,6 +139,11 @@ class RunSummary(_SummaryAlways, total=False):
     """`timed_steps`, `intervals`, `mean`, `median`, `min`, `max` seconds per step."""
     eval_metrics: dict[str, float]
     """The latest evaluation: `eval/loss`, and for sft `eval/hr@K`, `eval/ndcg@K`, ..."""
+    best_checkpoint: dict[str, Any]
+    """With train.load_best_model_at_end or train.early_stopping_patience: `metric`, the `step` and
+    `value` of its best evaluation, and `dir` (the saved parameters) with load_best_model_at_end."""
+    early_stopped_at: int
+    """The step at which train.early_stopping_patience ended the run."""
     step_memory: dict[str, int]
     """Bytes per device of the compiled train step (XLA's memory_analysis, as preflight reports
     it): `argument`, `output`, `alias`, `temp`, `generated_code`, `peak`; with `device_kind`
@@ -163,6 +168,24 @@ class SftSummary(TypedDict, total=False):
     effective_batch: dict[str, int]
     steps_per_epoch: int
     max_steps: int
+    hf_export_dir: str
+
+
+class RlSummary(TypedDict, total=False):
+    base_model: str
+    num_params: int
+    token_extension: dict[str, Any]
+    algorithm: str
+    train_prompts: dict[str, int]
+    """Prompts per RL task."""
+    test_prompts: int
+    prompt_len: int
+    """Tokens every prompt is left-padded to (the longest, rounded up to 64)."""
+    effective_batch: dict[str, int]
+    steps_per_epoch: int
+    max_steps: int
+    updates: int
+    """Optimizer updates: max_steps x rl.num_iterations."""
     hf_export_dir: str
 
 

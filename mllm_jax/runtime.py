@@ -7,6 +7,8 @@ environment variables (docs/contracts.md); JAX's own multi-controller runtime do
 from __future__ import annotations
 
 import ctypes
+import functools
+import math
 import os
 import re
 import sys
@@ -161,6 +163,22 @@ def process_rows(global_batch_size: int) -> slice:
     per_process = global_batch_size // jax.process_count()
     start = jax.process_index() * per_process
     return slice(start, start + per_process)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch (computed once per epoch, not once per step)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def step_indices(num_examples: int, global_batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Example indices of update `step` (-1 = empty filler row): a pure function of (seed,
+    step), so a resumed run sees the same batches. Each epoch is a fresh permutation and
+    its last batch may be partial."""
+    steps_per_epoch = math.ceil(num_examples / global_batch_size)
+    epoch, pos = divmod(step, steps_per_epoch)
+    chunk = _epoch_order(num_examples, seed, epoch)[pos * global_batch_size:(pos + 1) * global_batch_size]
+    return np.concatenate([chunk, np.full(global_batch_size - len(chunk), -1)])
 
 
 def to_global(local: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int) -> dict[str, jax.Array]:

@@ -8,13 +8,14 @@ s has seen batches 0..s-1, and metrics logged at step s describe the update that
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, cast
+from typing import Annotated, Any, Callable, Protocol, cast
 
 import jax
 import numpy as np
@@ -22,8 +23,11 @@ import numpy as np
 from mllm_jax import config as config_lib
 from mllm_jax import contracts, preemption, runtime, summary
 from mllm_jax.checkpoint import Checkpointer, space_short
-from mllm_jax.config import ConfigError, NonNegativeInt, PositiveInt
+from mllm_jax.config import ConfigError, NonNegative, NonNegativeInt, PositiveInt
 from mllm_jax.tracking import Console, Tracker, format_eta
+
+Interval = Annotated[int | float, NonNegative]
+"""A number of steps, or below 1 a fraction of the run's steps (Hugging Face's `eval_steps=0.05`)."""
 
 
 @dataclass
@@ -31,15 +35,53 @@ class LoopConfig:
     """The loop's own keys; each recipe's `train` section extends this with its optimizer and batch."""
 
     log_every: PositiveInt = 10
-    eval_every: NonNegativeInt = 250
-    """Evaluate every N steps (and always at the end); 0 = only at the end."""
-    checkpoint_every: NonNegativeInt = 500
-    """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
+    eval_every: Interval = 250
+    """Evaluate every N steps (and always at the end); 0 = only at the end. A number below 1 is a
+    fraction of the run's steps, rounded up, as Hugging Face's eval_steps (MiniOneRec's 0.05:
+    every 5% of the run)."""
+    checkpoint_every: Interval = 500
+    """Save a checkpoint every N steps (and at the end); 0 = only at the end; below 1 a fraction of
+    the run's steps, like eval_every."""
     keep_checkpoints: PositiveInt = 2
     checkpoint_dir: str | None = None
     """Where checkpoints go; None = <run dir>/checkpoints. A run of several processes (a TPU
     slice) needs one place every worker sees, e.g. gs://bucket/path: orbax's multi-host save
     waits for files that each worker writes."""
+    best_metric: str = "eval/loss"
+    """The evaluation metric that picks the best checkpoint and drives early stopping; lower is
+    better when its name ends with "loss", else higher (Hugging Face's greater_is_better)."""
+    load_best_model_at_end: bool = False
+    """Keep the parameters of the best evaluation (<checkpoint_dir>/best) and finish the run (the
+    HF export) with them instead of the last step's: Hugging Face's load_best_model_at_end."""
+    early_stopping_patience: NonNegativeInt = 0
+    """Stop after this many evaluations in a row without a new best best_metric (Hugging Face's
+    EarlyStoppingCallback; MiniOneRec's sft uses 3); 0 = never stop early."""
+
+    def validate(self) -> None:
+        for key in ("eval_every", "checkpoint_every"):
+            value = getattr(self, key)
+            if isinstance(value, float) and value >= 1:
+                raise ConfigError(f"train.{key}: expected a whole number of steps or a fraction of the run below 1, "
+                                  f"got {value!r}")
+        if not self.best_metric.startswith("eval/"):
+            raise ConfigError(f"train.best_metric: expected an evaluation metric such as eval/loss or eval/ndcg@10, "
+                              f"got {self.best_metric!r}")
+        parent = getattr(super(), "validate", None)  # a recipe's train section also derives from OptimizerConfig
+        if parent is not None:
+            parent()
+
+    @property
+    def selects_best(self) -> bool:
+        """Whether the run tracks its best evaluation (keeps it, or stops early on it)."""
+        return self.load_best_model_at_end or self.early_stopping_patience > 0
+
+
+def interval_steps(every: int | float, max_steps: int) -> int:
+    """`eval_every` / `checkpoint_every` in steps: a fraction of `max_steps` rounded up (at least
+    1), as Hugging Face's TrainerState.compute_steps; whole numbers as they are (0 = never)."""
+    if isinstance(every, float) and 0 < every < 1:
+        return max(1, math.ceil(max_steps * every))
+    return int(every)
 
 
 class Task(Protocol):
@@ -66,6 +108,9 @@ class Task(Protocol):
 
     step_memory: dict[str, int] | None
     """runtime.memory_report of the compiled train step, once it is compiled (None before)."""
+
+    console_metrics: dict[str, str]
+    """Optional: metrics of train_step to show on the console line too, name -> format ("hit {:.3f}")."""
 
     def finish(self, state: Any, console: Console) -> dict[str, Any]:
         """Last words of the recipe (e.g. a text sample); returned dict goes into the summary."""
@@ -173,6 +218,75 @@ def _open_for_resume(directory: str, cfg: LoopConfig) -> tuple[Checkpointer, int
     return checkpointer, step
 
 
+BEST_DIR = "best"
+"""Under the checkpoint dir: the parameters of the best evaluation (train.load_best_model_at_end)."""
+
+
+class Selection:
+    """Model selection over the run's evaluations, as Hugging Face's Trainer with
+    load_best_model_at_end and EarlyStoppingCallback: the best value of `train.best_metric` so far
+    (strictly better replaces it), the evaluations since, and with load_best_model_at_end the
+    parameters of that evaluation, saved in <checkpoint_dir>/best."""
+
+    def __init__(self, cfg: LoopConfig, directory: str, history: list[tuple[int, float]], resume_step: int | None):
+        """`history`: the (step, value) of the metric up to `resume_step` (the checkpoint's events)."""
+        self.metric, self.patience = cfg.best_metric, cfg.early_stopping_patience
+        self.higher = not cfg.best_metric.endswith("loss")
+        self.best: tuple[int, float] | None = None
+        self.since = 0
+        """Evaluations since the best one."""
+        for step, value in history:
+            self._update(step, value)
+        if jax.process_count() > 1:  # every process must take the same decisions (saving is collective)
+            from jax.experimental import multihost_utils
+
+            best = self.best or (-1, float("nan"))
+            step, value, since = multihost_utils.broadcast_one_to_all(
+                np.asarray([best[0], best[1], self.since], np.float64))
+            self.best, self.since = (int(step), float(value)) if step >= 0 else None, int(since)
+        self.checkpointer = None
+        if cfg.load_best_model_at_end:
+            self.checkpointer = Checkpointer(directory.rstrip("/") + "/" + BEST_DIR, every=0, keep=1)
+            for step in self.checkpointer.manager.all_steps():  # saved after the checkpoint resumed from
+                if self.best is None or step != self.best[0]:
+                    self.checkpointer.manager.delete(step)
+
+    def _update(self, step: int, value: float) -> bool:
+        better = self.best is None or (value > self.best[1] if self.higher else value < self.best[1])
+        if better:
+            self.best, self.since = (step, value), 0
+        else:
+            self.since += 1
+        return better
+
+    def observe(self, step: int, evals: dict[str, float], state: Any) -> bool:
+        """Take an evaluation's metrics; returns whether to stop early (patience used up)."""
+        if self.metric not in evals:
+            raise ConfigError(f"train.best_metric {self.metric}: the evaluation has no such metric "
+                              f"(it has {', '.join(evals) or 'none'})")
+        if self._update(step, evals[self.metric]) and self.checkpointer is not None:
+            self.checkpointer.maybe_save(step, {"params": state["params"]}, force=True)
+        return bool(self.patience) and self.since >= self.patience
+
+    def best_state(self, state: Any) -> Any:
+        """`state` with the best evaluation's parameters (restored from <checkpoint_dir>/best)."""
+        assert self.checkpointer is not None and self.best is not None
+        self.checkpointer.manager.wait_until_finished()
+        params = self.checkpointer.restore(self.best[0], {"params": state["params"]})["params"]
+        return {**state, "params": params}
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"metric": self.metric, "step": self.best[0] if self.best else None,
+                               "value": self.best[1] if self.best else None}
+        if self.checkpointer is not None:
+            out["dir"] = self.checkpointer.directory
+        return out
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+
+
 def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
     """Train `make_task()` as configured in `info`; returns the run summary (also written to
     <run dir>/run_summary.json by process 0, on success and on failure).
@@ -223,6 +337,7 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
         raise
     if checkpointer is None:
         checkpointer = Checkpointer(directory, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+    checkpointer.every = interval_steps(cfg.train.checkpoint_every, task.max_steps)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / contracts.CONFIG_FILE, config_lib.to_yaml(cfg))
@@ -231,8 +346,14 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
     tracker = Tracker(run_dir, cfg.wandb, config_lib.to_dict(cfg), active=main,
                       resume_step=0 if fresh_start else resume_step, resume_history=history)
     console: Console | None = None
+    selection: Selection | None = None
     stop = _StopFlag()
     try:
+        if cfg.train.selects_best:
+            events = history if history is not None else tracker.history
+            selection = Selection(cfg.train, checkpointer.directory,
+                                  [(e["step"], e[cfg.train.best_metric]) for e in events
+                                   if cfg.train.best_metric in e and e["step"] <= (resume_step or 0)], resume_step)
         console = Console(task.max_steps, resume_step or 0, active=main)
         state = task.state
         if resume_step is not None:
@@ -240,7 +361,7 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
             console.print(f"resumed from step {resume_step} ({checkpointer.directory})")
         elif fresh_start:
             console.print(f"no complete checkpoint in {checkpointer.directory} yet: starting from step 0")
-        result["status"] = _loop(task, state, cfg.train, tracker, console, checkpointer, stop, result)
+        result["status"] = _loop(task, state, cfg.train, tracker, console, checkpointer, stop, result, selection)
     except BaseException as e:  # the summary must say why a run died, whatever killed it
         result["status"] = "failed"
         result["error"] = f"{type(e).__name__}: {e}"
@@ -251,6 +372,9 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
         if console is not None:
             console.close()
         checkpointer.close()
+        if selection is not None:
+            selection.close()
+            result["best_checkpoint"] = selection.summary()
         eval_losses = tracker.values("eval/loss")
         result.update(
             eval_losses=[{"step": s, "loss": v} for s, v in eval_losses],
@@ -270,9 +394,10 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
 
 
 def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Console,
-          checkpointer: Checkpointer, stop: _StopFlag, result: dict[str, Any]) -> str:
+          checkpointer: Checkpointer, stop: _StopFlag, result: dict[str, Any], selection: Selection | None) -> str:
     step = int(jax.device_get(state["step"]))
     first_step, max_steps = step, task.max_steps
+    eval_every = interval_steps(cfg.eval_every, max_steps)
     peak = runtime.peak_flops_per_second()
     step_times: list[tuple[float, int]] = []  # (seconds per step, steps) of each timed log interval
     timed_tokens = 0
@@ -289,7 +414,8 @@ def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Co
             jax.block_until_ready(metrics)  # the first step compiles: keep it out of the timings
             t_mark, step_mark, tokens_mark = time.perf_counter(), step, 0
         if step % cfg.log_every == 0 or step == max_steps:
-            values = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+            # A task's own names ("rl/kl", "perf/rollout_sec") as they are; the rest under train/.
+            values = {k if "/" in k else f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
             values["train/lr"] = task.learning_rate(step - 1)
             now = time.perf_counter()
             if step > step_mark:
@@ -301,18 +427,28 @@ def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Co
                 values["perf/mfu"] = task.flops_per_token * values["perf/tokens_per_sec"] / peak
             t_mark, step_mark, tokens_mark = now, step, 0
             tracker.log(step, values)
-            console.print(_log_line(step, max_steps, values, _mean_step_time(step_times)))
+            console.print(_log_line(step, max_steps, values, _mean_step_time(step_times),
+                                    getattr(task, "console_metrics", {})))
         if stop.requested(step, STOP_SYNC_STEPS if step % cfg.log_every else 1):
             status = "stopped"
         console.advance(step)
-        if status != "stopped" and ((cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps):
+        early_stop = False
+        if status != "stopped" and ((eval_every and step % eval_every == 0) or step == max_steps):
             result["eval_metrics"] = _evaluate(task, state, step, tracker, console)
             last_eval_step = step
+            if selection is not None:  # stopping early at the last step would change nothing
+                early_stop = selection.observe(step, result["eval_metrics"], state) and step < max_steps
             t_mark, step_mark, tokens_mark = time.perf_counter(), step, 0  # evaluation time is not step time
-        checkpointer.maybe_save(step, state, force=step == max_steps or status == "stopped",
+        checkpointer.maybe_save(step, state, force=step == max_steps or status == "stopped" or early_stop,
                                 history=tracker.history if tracker.active else None)
         if status == "stopped":
             console.print(f"stop requested ({stop.why}): checkpoint saved at step {step}")
+            break
+        if early_stop:
+            best_step, best_value = selection.best
+            console.print(f"early stopping at step {step}: {cfg.best_metric} has not improved on step {best_step}'s "
+                          f"{best_value:.4f} for {selection.since} evaluations (train.early_stopping_patience)")
+            result["early_stopped_at"] = step
             break
 
     if status == "completed" and last_eval_step != step:  # nothing to train (evaluation only): evaluate once
@@ -335,12 +471,19 @@ def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Co
             "mean": result["step_time_sec"], "median": float(np.median(per_step)),
             "min": per_step[0], "max": per_step[-1]}
     if status == "completed":
+        if selection is not None and selection.checkpointer is not None and selection.best is not None \
+                and selection.best[0] != step:
+            state = selection.best_state(state)
+            console.print(f"finishing with the best evaluation's parameters: step {selection.best[0]}, "
+                          f"{cfg.best_metric} {selection.best[1]:.4f} (train.load_best_model_at_end)")
         result.update(task.finish(state, console))
     return status
 
 
 def _evaluate(task: Task, state: Any, step: int, tracker: Tracker, console: Console) -> dict[str, float]:
     evals = task.evaluate(state)
+    if not evals:  # e.g. rl without data.test_file: nothing to evaluate
+        return evals
     tracker.log(step, evals)
     console.print(f"eval step {step}: " + "  ".join(f"{k} {v:.0f}" if k.endswith("_count") else f"{k} {v:.4f}"
                                                      for k, v in evals.items()))
@@ -352,8 +495,10 @@ def _mean_step_time(step_times: list[tuple[float, int]]) -> float:
     return sum(dt * n for dt, n in step_times) / steps if steps else 0.0
 
 
-def _log_line(step: int, total: int, v: dict[str, float], sec_per_step: float) -> str:
+def _log_line(step: int, total: int, v: dict[str, float], sec_per_step: float, extra: dict[str, str]) -> str:
+    """One console line; `extra` (a task's `console_metrics`: metric -> format) adds its own."""
     parts = [f"step {step}/{total}", f"loss {v['train/loss']:.4f}", f"lr {v['train/lr']:.2e}"]
+    parts += [fmt.format(v[name]) for name, fmt in extra.items() if name in v]
     if "perf/tokens_per_sec" in v:
         parts += [f"{v['perf/tokens_per_sec']:,.0f} tok/s", f"{1000 * v['perf/step_time_sec']:.1f} ms/step",
                   f"mfu {100 * v['perf/mfu']:.2f}%"]

@@ -18,6 +18,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 SMOKE = REPO / "configs" / "nanogpt" / "cpu_smoke.yaml"
 SFT_SMOKE = REPO / "configs" / "sft" / "cpu_smoke.yaml"
+SFT_FOR_RL = REPO / "configs" / "sft" / "cpu_smoke_for_rl.yaml"
+RL_SMOKE = REPO / "configs" / "rl" / "cpu_smoke.yaml"
 AMAZON = SHARED_DATA / "MiniOneRec" / "data" / "Amazon"
 INDUSTRIAL_VALID = AMAZON / "valid" / "Industrial_and_Scientific_5_2016-10-2018-11.csv"
 INDUSTRIAL_TEST = AMAZON / "test" / "Industrial_and_Scientific_5_2016-10-2018-11.csv"
@@ -97,15 +99,21 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def sft_args(model_dir: Path, *extra: str) -> list[str]:
-    """CLI args for the SFT smoke config on `model_dir`, with absolute data paths."""
-    sets = {"base_model": model_dir, "data.train_file": INDUSTRIAL_VALID, "data.eval_file": INDUSTRIAL_TEST,
-            "data.test_file": INDUSTRIAL_TEST, "data.sid_index_path": INDUSTRIAL_INDEX,
-            "data.item_meta_path": INDUSTRIAL_ITEMS}
-    args = ["--config", str(SFT_SMOKE)]
-    for key, value in sets.items():
-        args += ["--set", f"{key}={value}"]
-    for item in extra:
+def sft_args(model_dir: Path, *extra: str, config: Path = SFT_SMOKE) -> list[str]:
+    """CLI args for the SFT smoke config (or `config`) on `model_dir`, with absolute data paths."""
+    return _config_args(config, model_dir, {"data.eval_file": INDUSTRIAL_TEST}, extra)
+
+
+def rl_args(model_dir: Path, *extra: str) -> list[str]:
+    """CLI args for the RL smoke config on `model_dir` (an SFT export), with absolute data paths."""
+    return _config_args(RL_SMOKE, model_dir, {}, extra)
+
+
+def _config_args(config: Path, model_dir: Path, sets: dict[str, Path], extra: tuple[str, ...]) -> list[str]:
+    sets = {"base_model": model_dir, "data.train_file": INDUSTRIAL_VALID, "data.test_file": INDUSTRIAL_TEST,
+            "data.sid_index_path": INDUSTRIAL_INDEX, "data.item_meta_path": INDUSTRIAL_ITEMS, **sets}
+    args = ["--config", str(config)]
+    for item in [f"{key}={value}" for key, value in sets.items()] + list(extra):
         args += ["--set", item]
     return args
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import MLLM, SHAKESPEARE, SMOKE, free_port, launcher_env, sft_args, trainer_env
+from conftest import MLLM, SHAKESPEARE, SMOKE, free_port, launcher_env, rl_args, sft_args, trainer_env
 
 Setup = Callable[[Path, pytest.FixtureRequest], None]
 BINARY = bytes(range(256)) * 8  # not UTF-8, has NUL bytes
@@ -40,6 +40,11 @@ def nano(*sets: str, config: Path = SMOKE, extra: tuple[str, ...] = ()) -> list[
 def sft(*sets: str, extra: tuple[str, ...] = ()) -> list[str]:
     """Trainer argv for the SFT smoke config on the model dir ./model (see `model`)."""
     return ["train", "sft", *sft_args(Path("model"), "base_model=./model", "train.max_steps=1", *sets), *extra]
+
+
+def rl(*sets: str) -> list[str]:
+    """Trainer argv for the RL smoke config on the model dir ./model (see `model`)."""
+    return ["train", "rl", *rl_args(Path("model"), "base_model=./model", "train.max_steps=1", *sets)]
 
 
 def suite(check: str = "exit_ok") -> bytes:
@@ -146,6 +151,20 @@ ROWS: list[tuple[str, list[str], Setup]] = [
     ("sft-junk-config-json", sft(), model(write("config.json", b"[1, 2]"))),
     ("sft-binary-tokenizer-config", sft(), model(write("tokenizer_config.json", BINARY))),
     ("sft-binary-csv", sft("data.train_file=bin.csv"), model(lambda d: (d.parent / "bin.csv").write_bytes(BINARY))),
+    ("sft-early-stopping-without-eval-file", sft("data.eval_file=''"), nothing),
+    ("sft-eval-every-fraction-above-one", sft("train.eval_every=1.5"), nothing),
+    ("sft-best-metric-not-eval", sft("train.best_metric=train/loss"), nothing),
+    ("sft-no-category", sft("data.category=null"), nothing),
+    # --- rl -------------------------------------------------------------------------------------
+    ("rl-no-base-model", rl("base_model=null"), nothing),
+    ("rl-unknown-reward", rl("rl.reward=rouge"), nothing),
+    ("rl-unknown-algorithm", rl("rl.algorithm=ppo"), nothing),
+    ("rl-one-generation", rl("rl.num_generations=1"), nothing),
+    ("rl-sync-alpha-above-one", rl("rl.ref_sync_alpha=1.5"), nothing),
+    ("rl-best-metric-loss", rl("train.load_best_model_at_end=true"), nothing),
+    ("rl-prompts-not-divisible", rl("train.prompts_per_step=12"), model()),
+    ("rl-no-model-dir", rl(), nothing),
+    ("rl-missing-train-file", rl("data.train_file=missing.csv"), model()),
     # --- the real `python -m mllm_jax` ------------------------------------------------------------
     ("proc-n-head-zero", subprocess_run(nano("model.n_head=0")), nothing),
     ("proc-data-empty", subprocess_run(nano("data.path=empty.txt")), files(**{"empty.txt": b""})),

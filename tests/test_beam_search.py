@@ -318,3 +318,35 @@ def test_sharded_meshes_agree(setup):
     r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(setup["dir"])], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_constrained_sampling_draws_from_the_tempered_model(setup):
+    """BeamSearch(sample=True), the RL rollouts of rl.beam_search=false: every row a valid SID, the
+    first SID token drawn with the model's probabilities at the temperature renormalised over the
+    allowed tokens, each sample's score the log-prob of its tokens (rl.logprobs scores the same
+    completions to within float rounding), and the same key giving the same samples."""
+    from mllm_jax.rl.logprobs import completion_logps
+
+    index = random_index(5, depth=2, items=30, root=4)
+    trie = build_trie(index, setup["tok"], setup["eos"])
+    model, temperature, rows = Qwen2(setup["cfg"]), 0.7, 3000
+    sampler = BeamSearch(model, trie, rows, mesh1(), temperature=temperature, sample=True)
+    prompt = prompts_for(setup, index, lengths=(3,))
+    ids, mask = left_pad(prompt, len(prompt[0]), setup["eos"])
+    sids, scores = sampler(setup["params"], ids, mask, jax.random.key(7))
+    sids, scores = np.asarray(sids)[0], np.asarray(scores)[0]
+    assert {trie.decode(s) for s in sids} <= trie.valid
+
+    logits, _ = model.apply({"params": setup["params"]}, ids)
+    first = trie.next_tokens[0][trie.next_tokens[0] >= 0]
+    p = jax.nn.softmax(np.asarray(logits)[0, -1, first] / temperature)
+    freq = np.asarray([(sids[:, 0] == t).mean() for t in first])
+    np.testing.assert_allclose(freq, p, atol=0.03)
+
+    completions = np.concatenate([sids, np.broadcast_to(trie.suffix, (rows, len(trie.suffix)))], axis=1)
+    logps = completion_logps(model, setup["params"], ids, mask, completions[None, :64], temperature)
+    np.testing.assert_allclose(np.asarray(logps).sum(-1)[0], scores[:64], atol=1e-4)
+
+    again, _ = sampler(setup["params"], ids, mask, jax.random.key(7))
+    other, _ = sampler(setup["params"], ids, mask, jax.random.key(8))
+    assert np.array_equal(np.asarray(again)[0], sids) and not np.array_equal(np.asarray(other)[0], sids)

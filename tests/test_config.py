@@ -87,6 +87,30 @@ def test_shipped_configs_load():
     assert standard.train.max_steps == standard.train.lr_decay_steps == 5000 and standard.jax.compute_dtype == "float32"
 
 
+def test_shipped_sft_configs_load():
+    from mllm_jax.config import to_dict
+    from mllm_jax.data import sid
+    from mllm_jax.recipes.sft import Config as SftConfig
+
+    loaded = {p.name: load_config(SftConfig, p) for p in sorted((REPO / "configs" / "sft").glob("*.yaml"))}
+    for name in ("cpu_smoke.yaml", "v6e8.yaml", "v6e8_office.yaml", "v6e8_base.yaml", "v6e8_office_base.yaml"):
+        cfg = loaded[name]  # MiniOneRec's five SFT tasks, and the category its title tasks name
+        assert cfg.tasks.enabled() == list(sid.TASKS), name
+        assert cfg.data.category == ("Office_Products" if "office" in name else "Industrial_and_Scientific"), name
+    as_dict = {name: to_dict(cfg) for name, cfg in loaded.items()}
+    industrial, office = as_dict["v6e8.yaml"], as_dict["v6e8_office.yaml"]
+    paths = {k: office["data"][k] for k in ("train_file", "eval_file", "test_file", "sid_index_path", "item_meta_path")}
+    assert all(p.startswith("workdir/MiniOneRec/data/Amazon/") and "/Office_Products" in p for p in paths.values())
+    # each derived config changes only what its name says
+    assert office == {**industrial, "data": {**industrial["data"], **paths, "category": "Office_Products"}}
+    assert as_dict["v6e8_base.yaml"] == {**as_dict["v6e8.yaml"], "base_model": "Qwen/Qwen2.5-1.5B"}
+    assert as_dict["v6e8_office_base.yaml"] == {**office, "base_model": "Qwen/Qwen2.5-1.5B"}
+    with pytest.raises(ConfigError) as e:
+        load_config(SftConfig, REPO / "configs" / "sft" / "v6e8.yaml", ["data.category=Toys"])
+    assert str(e.value) == ("data.category: expected one of Industrial_and_Scientific, Office_Products, "
+                            "Toys_and_Games, Sports, Books, got 'Toys'")
+
+
 def test_print_config_prints_resolved_yaml_and_exits(tmp_path):
     out = run_trainer("--config", str(SMOKE), "--set", "train.max_steps=3", "--print-config", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, launcher_env, mllm
+from conftest import INDUSTRIAL_INDEX, REPO, launcher_env, mllm
 from harness.tpu_slice import ZONE, Slice
 from mllm_jax import preflight
 from mllm_jax.config import ConfigError
@@ -79,6 +79,23 @@ def test_sop_step_compiles_for_v6e8_and_a_two_host_v4(qwen_width, narrow, tmp_pa
     assert evals["estimate"] is None, "a program with loops gets no estimate of its own"
     text = run(narrow, "--type", "v4-16", "--set", "train.attention=splash")
     assert "[cached]" in text.stdout and "XLA cost-model estimate (not a measurement)" in text.stdout, text.stdout
+
+
+def test_rl_update_rollout_and_scoring_compile_for_v6e8(narrow, tmp_path, env):
+    """rl's programs for configs/rl/v6e8.yaml (rl.sh's shape) on a narrow 2-layer Qwen2: the update
+    over the step's micro-batches (policy, reference and Adam state sharded over fsdp; the state
+    donated), one micro-batch's 16-beam rollout and the reference scoring forward, each fits a chip."""
+    out = mllm("preflight", "rl", "--config", str(REPO / "configs" / "rl" / "v6e8.yaml"),
+               "--set", f"base_model={narrow}", "--set", f"data.sid_index_path={INDUSTRIAL_INDEX}",
+               "--type", "v6e-8", "--json", "--no-cache", "--no-estimate", cwd=tmp_path, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    r = json.loads(out.stdout)
+    assert r["fits"] and r["mesh"] == {"dp": 1, "fsdp": 8, "tp": 1}
+    assert (r["facts"]["micro_batch"], r["facts"]["accumulation"], r["facts"]["generations"]) == (32, 2, 16)
+    update, rollout, score = r["programs"]
+    assert (update["name"], rollout["name"], score["name"]) == ("update", "rollout", "score")
+    assert update["memory"]["alias"] > 0.9 * update["memory"]["argument"], "the train state is donated"
+    assert all(0 < p["share"] < 0.5 for p in r["programs"])
 
 
 def test_a_config_that_cannot_fit_is_reported_with_the_knob(qwen_width, tmp_path, env):

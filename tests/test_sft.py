@@ -40,7 +40,7 @@ def test_smoke_config_trains_on_real_data_and_exports(tiny_qwen2, tmp_path):
                      "gradient_accumulation_steps": 2}
     stats = summary["step_time_stats"]
     assert stats["timed_steps"] == 59 and stats["min"] <= stats["median"] <= stats["max"]
-    assert summary["train_examples"] > 3 * 128 - 1  # 128 rows per task, alignment asks both ways
+    assert summary["train_examples"] == 5 * 128  # MiniOneRec's five tasks, 128 rows (alignment: pairs) each
     events = [e for e in read_metrics(run_dir) if "train/loss" in e]
     assert {"train/loss", "train/lr", "perf/step_time_sec", "perf/tokens_per_sec", "perf/mfu"} <= events[-1].keys()
     assert (Path(summary["hf_export_dir"]) / "model.safetensors").is_file()
@@ -88,19 +88,19 @@ def test_bf16_lion_cosine_schedule_epochs_and_remat(tiny_qwen2, tmp_path):
                            "jax.param_dtype=bfloat16", "jax.compute_dtype=bfloat16")
     assert out.returncode == 0, out.stderr
     summary = json.loads((run_dir / "run_summary.json").read_text())
-    # 384 examples (128 per task) in batches of 16: 24 steps an epoch, a quarter of it is 6.
-    assert summary["steps_per_epoch"] == 24 and summary["max_steps"] == summary["final_step"] == 6
+    # 640 examples (128 per task x MiniOneRec's 5 tasks) in batches of 16: 40 steps an epoch, a quarter of it is 10.
+    assert summary["steps_per_epoch"] == 40 and summary["max_steps"] == summary["final_step"] == 10
     train = losses(run_dir)
-    assert all(np.isfinite(list(train.values()))) and train[6] < train[1]
+    assert all(np.isfinite(list(train.values()))) and train[10] < train[1]
     lrs = [e["train/lr"] for e in read_metrics(run_dir) if "train/lr" in e]
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3)
-    assert lrs[-1] == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 4 / 5)))  # cosine, 4 of 5 decay steps done
+    assert lrs[-1] == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 8 / 9)))  # cosine, 8 of 9 decay steps done
 
 
 def test_gradient_accumulation_and_the_chunked_loss_give_the_same_update(tiny_qwen2, tmp_path):
     common = ["run_mode=train", "train.global_batch_size=32", "train.max_steps=3", "train.log_every=1",
               "train.eval_every=0", "train.checkpoint_every=0", "export_hf=false", "data.eval_file=''",
-              "train.warmup_steps=0"]
+              "train.load_best_model_at_end=false", "train.early_stopping_patience=0", "train.warmup_steps=0"]
     one, one_dir = run_sft(tiny_qwen2, tmp_path, "1x32", *common, "train.per_device_train_batch_size=32")
     four, four_dir = run_sft(tiny_qwen2, tmp_path, "4x8", *common, "train.per_device_train_batch_size=8")
     chunked, chunked_dir = run_sft(tiny_qwen2, tmp_path, "4x8-chunked", *common,
@@ -118,7 +118,8 @@ def test_gradient_accumulation_and_the_chunked_loss_give_the_same_update(tiny_qw
 
 def test_meshes_give_the_same_loss(tiny_qwen2, tmp_path):
     common = ["run_mode=train", "train.max_steps=3", "train.log_every=1", "train.eval_every=0",
-              "train.checkpoint_every=0", "export_hf=false", "data.eval_file=''", "train.per_device_train_batch_size=2"]
+              "train.checkpoint_every=0", "export_hf=false", "data.eval_file=''", "train.load_best_model_at_end=false",
+              "train.early_stopping_patience=0", "train.per_device_train_batch_size=2"]
     results = {}
     for mesh in ("8,1,1", "1,8,1", "2,2,2"):
         out, run_dir = run_sft(tiny_qwen2, tmp_path, mesh.replace(",", "-"), *common, f"jax.mesh_shape={mesh}",
@@ -211,3 +212,66 @@ def test_two_processes_match_one_process(tiny_qwen2, tmp_path):
     assert one_w.keys() == two_w.keys()
     for key in one_w:
         np.testing.assert_allclose(two_w[key].float().numpy(), one_w[key].float().numpy(), atol=1e-2, err_msg=key)
+
+
+def _checkpoint_params(run_dir: Path, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "default")["params"]
+
+
+def test_early_stopping_exports_the_best_checkpoint_also_after_a_resume(tiny_qwen2, tmp_path):
+    """MiniOneRec's model selection (Hugging Face's load_best_model_at_end + EarlyStoppingCallback):
+    with a learning rate too high the eval loss rises, the run stops `patience` evaluations after its
+    best and exports the best step's weights (their logits are that checkpoint's); a run resumed in
+    between (its best and patience rebuilt from the checkpoint's metrics) stops and exports the same."""
+    import jax
+    import ml_dtypes
+    import torch
+    import transformers
+
+    from mllm_jax.models import hf
+    from mllm_jax.models.qwen2 import Qwen2
+
+    common = ["run_mode=train", "train.learning_rate=3e-2", "train.lr_schedule=constant", "train.warmup_steps=0",
+              "train.eval_every=2", "train.early_stopping_patience=2", "train.log_every=2", "train.checkpoint_every=2",
+              "train.keep_checkpoints=50", "data.sample_train=32", "data.sample_eval=32"]
+    out, run_dir = run_sft(tiny_qwen2, tmp_path, "stops", *common, "train.max_steps=40")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    evals = summary["eval_losses"]
+    best = min(evals, key=lambda e: e["loss"])
+    stop = summary["early_stopped_at"]
+    assert summary["status"] == "completed" and summary["final_step"] == stop == best["step"] + 2 * 2 < 40
+    assert [e["step"] for e in evals] == list(range(2, stop + 1, 2)) and evals[-1]["loss"] > best["loss"]
+    assert summary["best_checkpoint"] == {"metric": "eval/loss", "step": best["step"], "value": best["loss"],
+                                          "dir": str(run_dir.absolute() / "checkpoints" / "best")}
+    assert f"early stopping at step {stop}" in out.stdout
+
+    # hf/ holds the best step's weights (bfloat16), not the last step's.
+    cfg = hf.load_config(run_dir / "hf")
+    mesh = jax.make_mesh((1, 1, 1), ("dp", "fsdp", "tp"), devices=jax.devices()[:1])
+    exported, cfg = hf.load_params(run_dir / "hf", cfg, mesh, np.float32)
+    bf16 = lambda tree: jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), tree)  # noqa: E731
+    rows = lambda tree: {**tree, "embed_tokens": {"embedding": tree["embed_tokens"]["embedding"][:cfg.vocab_size]}}  # noqa: E731
+    best_params = _checkpoint_params(run_dir, best["step"])
+    for a, b in zip(jax.tree.leaves(rows(exported)), jax.tree.leaves(rows(bf16(best_params)))):
+        np.testing.assert_array_equal(a, b)
+    last = bf16(_checkpoint_params(run_dir, stop))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(last)))
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch_logits = theirs(torch.tensor(ids)).logits.numpy()
+    ours, _ = Qwen2(cfg).apply({"params": bf16(best_params)}, ids)
+    np.testing.assert_allclose(np.asarray(ours)[..., :cfg.vocab_size], torch_logits, atol=1e-4)
+
+    # Stopped (here: its end) between the best and the early stop, then resumed to the same end.
+    early, early_dir = run_sft(tiny_qwen2, tmp_path, "resumed", *common, f"train.max_steps={stop - 2}")
+    assert early.returncode == 0, early.stderr
+    resumed = run_trainer(*sft_args(tiny_qwen2, *common, "train.max_steps=40", f"output_dir={early_dir}"),
+                          "--resume", cwd=tmp_path, recipe="sft")
+    assert resumed.returncode == 0, resumed.stderr
+    again = json.loads((early_dir / "run_summary.json").read_text())
+    assert (again["early_stopped_at"], again["best_checkpoint"]["step"]) == (stop, best["step"])
+    assert (early_dir / "hf" / "model.safetensors").read_bytes() == (run_dir / "hf" / "model.safetensors").read_bytes()

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import minionerec_ref as ref
 from conftest import SHARED_DATA
-from tokenizers import AddedToken
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mllm_jax.config import ConfigError
 from mllm_jax.data import sid
-from mllm_jax.models.tiny import EOS_TOKEN, build_tokenizer
+from mllm_jax.models.tiny import EOS_TOKEN, PAD_TOKEN, build_tokenizer
 
 AMAZON = SHARED_DATA / "MiniOneRec" / "data" / "Amazon"
 NAME = "Industrial_and_Scientific"
@@ -26,12 +28,22 @@ ITEMS = AMAZON / "index" / f"{NAME}.item.json"
 HEAD = ("Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request. \n\n### Instruction:\n")
 ALL = sid.TasksConfig()
-ONLY_NEXT = sid.TasksConfig(sid_item_alignment=False, fusion_seq_rec=False)
+
+
+def only(*names: str) -> sid.TasksConfig:
+    return sid.TasksConfig(**{t: t in names for t in sid.TASKS})
+
+
+ONLY_NEXT = only("sid_next_item")
 
 
 def config(**kw) -> sid.SidDataConfig:
     paths = {"train_file": VALID, "eval_file": TEST, "sid_index_path": INDEX, "item_meta_path": ITEMS}
-    return sid.SidDataConfig(**{**{k: str(v) for k, v in paths.items()}, **kw})
+    return sid.SidDataConfig(**{**{k: str(v) for k, v in paths.items()}, "category": NAME, **kw})
+
+
+def prompts_of(cfg: sid.SidDataConfig, seed: int) -> list[sid.TestPrompt]:
+    return sid.build_test_prompts(cfg.test_file, cfg.sid_index_path, cfg.sample_test, seed)
 
 
 def by_task(examples: list[sid.Example], task: str) -> list[sid.Example]:
@@ -82,11 +94,34 @@ def test_prompts_of_the_first_valid_row_are_minionerec_verbatim(real_examples):
     assert (question.format("Which item has the title: Super Glue 15187 Super Glue, 12-Pack?"),
             "<a_165><b_214><c_252>\n") in aligned
 
+    # SFTData: its instruction (drawn with the seed) ends "\n \n"; "palyed" and "{category}s" verbatim
+    title = by_task(real_examples, "title_next_item")[0]
+    assert title.instruction.startswith(HEAD) and title.instruction.endswith("\n \n")
+    assert title.instruction[len(HEAD):-3] in [t.format(category="industrial and scientific items")
+                                               for t in sid.TITLE_NEXT_INSTRUCTIONS]
+    assert title.query == (
+        "### User Input: \nThe user has palyed the following industrial and scientific itemss before: "
+        '"3D Solutech Real Black 3D Printer PLA Filament 1.75MM Filament, Dimensional Accuracy +/- 0.03 mm, '
+        '2.2 LBS (1.0KG) - PLA175RBLK"\n\n### Response:\n')
+    assert title.response == '"Super Glue 15187 Super Glue, 12-Pack"\n'
+    assert '"Dap 08648 10.1 oz. 100% Silicone Kitchen and Bath Sealant, Clear",\t"Dap 08648' \
+        in by_task(real_examples, "title_next_item")[1].query  # titles joined with ",\t"
+
+    to_sid = by_task(real_examples, "title_history_sid")[0]
+    assert to_sid.prompt == (
+        HEAD + "Based on the user's historical interaction with item titles, predict the semantic ID of the next "
+        "item they may expect.\n\n### User Input: \nThe user has interacted with the following industrial and "
+        'scientific items items in chronological order: "3D Solutech Real Black 3D Printer PLA Filament 1.75MM '
+        'Filament, Dimensional Accuracy +/- 0.03 mm, 2.2 LBS (1.0KG) - PLA175RBLK". Can you predict the next '
+        "item the user may expect?\n\n### Response:\n")
+    assert to_sid.response == "<a_165><b_214><c_252>\n"  # item 114's SID in the index
+
 
 def test_task_sizes_with_all_rows(real_examples):
     # alignment: MiniOneRec's sid2title / title2sid dicts (15 SIDs and 40 titles are shared by several items)
     sizes = {t: len(by_task(real_examples, t)) for t in sid.TASKS}
-    assert sizes == {"sid_next_item": 4532, "sid_item_alignment": 3670 + 3646, "fusion_seq_rec": 4532}
+    assert sizes == {"sid_next_item": 4532, "sid_item_alignment": 3670 + 3646, "fusion_seq_rec": 4532,
+                     "title_next_item": 4532, "title_history_sid": 4532}
     assert [e.task for e in real_examples] == sorted((e.task for e in real_examples), key=sid.TASKS.index)
     evals = sid.build_examples(config(), ALL, "eval", seed=0)
     assert len(evals) == 4533 and {e.task for e in evals} == {"sid_next_item"}
@@ -112,6 +147,11 @@ def test_sample_draws_n_per_task_deterministically():
     # like MiniOneRec (df.sample with the same seed), next-item and fusion read the same rows
     history = lambda e: e.prompt.split("items ", 1)[1].split(" in chronological")[0].split(". Can you")[0]
     assert [history(e) for e in by_task(a, "sid_next_item")] == [history(e) for e in by_task(a, "fusion_seq_rec")]
+    # ... and so do the title tasks (the next item's SID from item_id is the row's item_sid)
+    assert [e.response for e in by_task(a, "title_history_sid")] == [e.response for e in by_task(a, "sid_next_item")]
+    assert [e.query.split("before: ")[1] for e in by_task(a, "title_next_item")] == \
+        [e.query.split("order: ")[1].split(". Can you")[0].replace('", "', '",\t"') + "\n\n### Response:\n"
+         for e in by_task(a, "title_history_sid")]
     ev = sid.build_examples(cfg, ALL, "eval", seed=1)
     assert len(ev) == 20 and ev == sid.build_examples(cfg, ALL, "eval", seed=1)
     # a sample as large as the data keeps it all
@@ -129,19 +169,22 @@ def test_tasks_are_switchable_and_need_only_their_files(tmp_path):
     missing = str(tmp_path / "nope.json")
     only_next = sid.build_examples(config(item_meta_path=missing), ONLY_NEXT, "train", seed=0)
     assert {e.task for e in only_next} == {"sid_next_item"}
-    only_align_tasks = sid.TasksConfig(sid_next_item=False, fusion_seq_rec=False)
-    only_align = sid.build_examples(config(train_file=missing), only_align_tasks, "train", seed=0)
+    only_align = sid.build_examples(config(train_file=missing), only("sid_item_alignment"), "train", seed=0)
     assert {e.task for e in only_align} == {"sid_item_alignment"}
+    # the title tasks read the CSV and (title_history_sid) the index, not the item metadata
+    titles = sid.build_examples(config(item_meta_path=missing, sample_train=5),
+                                only("title_next_item", "title_history_sid"), "train", seed=0)
+    assert [e.task for e in titles] == ["title_next_item"] * 5 + ["title_history_sid"] * 5
     # eval reads eval_file (next-item only), not train_file or the item metadata
     assert sid.build_examples(config(train_file=missing, item_meta_path=missing, sample_eval=5), ALL, "eval", 0)
     with pytest.raises(ConfigError, match="tasks: expected at least one"):
-        sid.TasksConfig(False, False, False).validate()
+        sid.TasksConfig(False, False, False, False, False).validate()
 
 
 def test_loss_mask_covers_exactly_response_and_eos(real_examples, tokenizer):
     eos = tokenizer.token_to_id(EOS_TOKEN)
     picked = [by_task(real_examples, t)[i] for t in sid.TASKS for i in (0, 1, 7)]
-    data = sid.tokenize(picked, tokenizer, eos, max_len=512)
+    data = sid.tokenize(picked, tokenizer, eos, max_len=2048)  # long title histories: no truncation
     assert len(data) == len(picked) and data.tasks == [e.task for e in picked]
     for ex, ids, mask in zip(picked, data.ids, data.loss_mask):
         assert ids.dtype == np.int32 and mask.dtype == bool and ids.shape == mask.shape
@@ -151,7 +194,7 @@ def test_loss_mask_covers_exactly_response_and_eos(real_examples, tokenizer):
         assert tokenizer.decode(ids[mask][:-1].tolist()) == ex.response
         assert tokenizer.decode(ids[~mask].tolist()) == ex.prompt
     # a SID is three tokens
-    sid_only = sid.tokenize([sid.Example("x", "p", "<a_165><b_214><c_252>\n")], tokenizer, eos, 64)
+    sid_only = sid.tokenize([sid.Example("x", "p", "q", "<a_165><b_214><c_252>\n")], tokenizer, eos, 64)
     assert sid_only.loss_mask[0].sum() == 3 + 1 + 1
     assert data.max_length() == max(len(x) for x in data.ids)
 
@@ -169,7 +212,7 @@ def test_left_truncation_keeps_the_tail(real_examples, tokenizer):
 
 def test_max_len_too_small_for_an_example(tokenizer):
     eos = tokenizer.token_to_id(EOS_TOKEN)
-    ex = sid.Example("fusion_seq_rec", "prompt", "A long title of an item of many words\n")
+    ex = sid.Example("fusion_seq_rec", "pro", "mpt", "A long title of an item of many words\n")
     need = len(tokenizer.encode(ex.response, add_special_tokens=False).ids) + 2
     assert len(sid.tokenize([ex], tokenizer, eos, need).ids[0]) == need
     with pytest.raises(ConfigError) as e:
@@ -201,6 +244,66 @@ def test_batch_pads_right_and_fills_rows():
     assert data.max_length() == 3 and len(data) == 2
     with pytest.raises(ValueError):
         data.batch(np.array([0]), length=2, pad_id=0)
+
+
+def test_title_next_item_draws_one_of_eleven_instructions_per_row(real_examples):
+    drawn = [e.instruction[len(HEAD):-3] for e in by_task(real_examples, "title_next_item")]
+    pool = [t.format(category="industrial and scientific items") for t in sid.TITLE_NEXT_INSTRUCTIONS]
+    assert len(pool) == 11 and set(drawn) == set(pool)
+    rng = random.Random(0)  # MiniOneRec: random.seed(seed), then random.randint(0, 10) row by row
+    assert drawn == [pool[rng.randint(0, 10)] for _ in drawn]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tokenizer):
+    """The tiny tokenizer as MiniOneRec sees a Qwen2.5 tokenizer: transformers' fast tokenizer, no BOS."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    assert hf.bos_token is None and hf.eos_token_id == tokenizer.token_to_id(EOS_TOKEN)
+    return hf
+
+
+@pytest.mark.parametrize("seed, max_len", [(42, 512), (7, 160)])
+def test_token_ids_equal_minionerecs(tokenizer, hf_tokenizer, seed, max_len):
+    """The five tasks' ids and loss masks are those of MiniOneRec's datasets (tests/minionerec_ref.py) on
+    200 sampled rows / pairs per task."""
+    n, enc, category = 200, ref.Encoder(hf_tokenizer), ref.CATEGORY_DICT[NAME]
+    theirs = {"sid_next_item": ref.sid_sft(str(VALID), enc, max_len, n, seed),
+              "sid_item_alignment": ref.sid_item_feat(str(ITEMS), str(INDEX), enc, max_len, n, seed),
+              "fusion_seq_rec": ref.fusion_seq_rec(str(VALID), str(ITEMS), str(INDEX), enc, max_len, n, seed),
+              "title_next_item": ref.sft_data(str(VALID), enc, max_len, n, seed, category),
+              "title_history_sid": ref.title_history2sid(str(VALID), str(INDEX), enc, max_len, n, seed, category)}
+    ours = sid.build_examples(config(sample_train=n), ALL, "train", seed)
+    data = sid.tokenize(ours, tokenizer, tokenizer.token_to_id(EOS_TOKEN), max_len)
+    assert data.tasks == [t for t in sid.TASKS for _ in range(n)] == [t for t in sid.TASKS for _ in theirs[t]]
+    refs = [row for t in sid.TASKS for row in theirs[t]]
+    truncated = 0
+    for example, ids, mask, row in zip(ours, data.ids, data.loss_mask, refs):
+        assert ids.tolist() == row["input_ids"], example.task
+        assert mask.tolist() == [label != -100 for label in row["labels"]], example.task
+        assert example.prompt == row["prompt"]
+        if len(ids) < max_len:
+            assert tokenizer.decode(ids[~mask].tolist()) == hf_tokenizer.decode(row["input_ids"][:(~mask).sum()]) \
+                == example.prompt
+        truncated += len(ids) == max_len
+    assert truncated > 0  # the tiny tokenizer's long title histories: left truncation compared too
+
+
+def test_prompt_pieces_are_encoded_apart_like_minionerec():
+    """A BPE that learned "\\n\\n" merges the end of an instruction block encoded on its own, not inside the
+    whole prompt (its pre-tokenizer splits "\\n\\n###" apart), so encoding the concatenation would differ."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["a\n\n"] * 50, trainer)
+    ex = sid._example("sid_next_item", "Do it?", "x", "y\n")
+    encode = lambda text: tok.encode(text, add_special_tokens=False).ids
+    apart = encode(ex.instruction) + encode(ex.query)
+    assert apart != encode(ex.prompt)
+    assert sid.tokenize([ex], tok, 0, 512).ids[0].tolist() == apart + encode("y\n") + [0]
+    test = sid.TestPrompt(ex.instruction, ex.query, "<a_1>")
+    assert sid.tokenize_prompts([test], tok, 512)[0].tolist() == apart
 
 
 # ---- bad inputs: one-line ConfigErrors that name the key ----
@@ -266,6 +369,59 @@ def test_malformed_list_cell(tmp_path, small_index, cell):
     assert "history_item_sid" in msg
 
 
+def test_category_is_needed_by_the_title_tasks_only():
+    choices = "Industrial_and_Scientific, Office_Products, Toys_and_Games, Sports, Books"
+    msg = _raises(config(category=None), f"data.category: expected one of {choices} (the tasks title_next_item, "
+                  "title_history_sid name it), got None")
+    _raises(config(category=None), "data.category:", tasks=only("title_history_sid"))
+    sid_tasks = only("sid_next_item", "sid_item_alignment", "fusion_seq_rec")
+    assert sid.build_examples(config(category=None, sample_train=3), sid_tasks, "train", seed=0)
+    assert sid.build_examples(config(category=None, sample_eval=3), ALL, "eval", seed=0)  # eval: next-item only
+    with pytest.raises(ConfigError) as e:
+        config(category="Toys").validate()
+    assert str(e.value) == f"data.category: expected one of {choices}, got 'Toys'" and "\n" not in msg
+    for key, phrase in sid.CATEGORIES.items():
+        config(category=key).validate()
+        ex = sid.build_examples(config(category=key, sample_train=1), only("title_next_item", "title_history_sid"),
+                                "train", seed=0)
+        assert f"the following {phrase}s before:" in ex[0].query and f"following {phrase} items in" in ex[1].query
+
+
+TITLE_HEADER = ("user_id", "history_item_title", "item_title", "item_id", "history_item_sid", "item_sid")
+GOOD_ROW = ["u", "['A', 'B']", "C", "1", "['<a_1><b_2><c_3>']", "<a_4><b_5><c_6>"]
+
+
+def test_title_columns_are_read_when_a_task_needs_them(tmp_path, small_index):
+    sid_only = _write_csv(tmp_path / "s.csv", [["u", "['<a_1><b_2><c_3>']", "<a_4><b_5><c_6>"]])
+    assert sid.build_examples(config(train_file=sid_only, sid_index_path=small_index), ONLY_NEXT, "train", 0)
+    for task in ("title_next_item", "title_history_sid"):
+        msg = _raises(config(train_file=sid_only, sid_index_path=small_index), "data.train_file:", tasks=only(task))
+        assert "has no column 'history_item_title'" in msg
+    titles_only = _write_csv(tmp_path / "t.csv", [["u", "['A']", "1"]],
+                             header=("user_id", "history_item_title", "item_id"))
+    cfg = config(train_file=titles_only, sid_index_path=small_index)
+    assert "has no column 'item_title'" in _raises(cfg, "data.train_file:", tasks=only("title_next_item"))
+    [ex] = sid.build_examples(cfg, only("title_history_sid"), "train", 0)
+    assert ex.response == "<a_4><b_5><c_6>\n" and '"A". Can you' in ex.query
+    full = _write_csv(tmp_path / "f.csv", [GOOD_ROW], header=TITLE_HEADER)
+    ex = sid.build_examples(config(train_file=full, sid_index_path=small_index), only("title_next_item"), "train", 0)
+    assert ex[0].response == '"C"\n' and 'before: "A",\t"B"\n' in ex[0].query
+
+
+@pytest.mark.parametrize("row, task, message", [
+    (["v", "A, B", "C", "1"], "title_next_item",
+     "data.train_file row 2: column 'history_item_title' is not a Python list of strings: 'A, B'"),
+    (["v", "['A', 2]", "C", "1"], "title_history_sid", "data.train_file row 2: column 'history_item_title' is not"),
+    (["v", "['A']", "", "1"], "title_next_item", "data.train_file row 2: column 'item_title' is empty"),
+    (["v", "['A']", "C", " "], "title_history_sid", "data.train_file row 2: column 'item_id' is empty"),
+    (["v", "['A']", "C", "7"], "title_history_sid", "data.train_file row 2: item_id '7' is not in data.sid_index_path"),
+])
+def test_bad_title_cells(tmp_path, small_index, row, task, message):
+    bad = _write_csv(tmp_path / "t.csv", [GOOD_ROW, row + GOOD_ROW[4:]], header=TITLE_HEADER)
+    msg = _raises(config(train_file=bad, sid_index_path=small_index), message, tasks=only(task))
+    assert msg.endswith(f"({bad})") or msg.endswith(f"({small_index})")
+
+
 def test_bad_index_file(tmp_path):
     path = tmp_path / "bad.index.json"
     path.write_text('{"0": "<a_1>"}')
@@ -295,7 +451,7 @@ def with_test_file(**kw) -> sid.SidDataConfig:
 
 
 def test_test_prompt_of_the_first_test_row_is_minionerec_verbatim():
-    prompts = sid.build_test_prompts(with_test_file(), seed=0)
+    prompts = prompts_of(with_test_file(), seed=0)
     assert len(prompts) == 4533  # every row, in file order
     first = prompts[0]
     assert first.prompt == (
@@ -314,27 +470,27 @@ def test_test_prompt_of_the_first_test_row_is_minionerec_verbatim():
 
 
 def test_test_prompts_sampling():
-    a = sid.build_test_prompts(with_test_file(sample_test=25), seed=3)
-    assert len(a) == 25 and a == sid.build_test_prompts(with_test_file(sample_test=25), seed=3)
-    assert a != sid.build_test_prompts(with_test_file(sample_test=25), seed=4)
-    every = sid.build_test_prompts(with_test_file(), seed=3)
+    a = prompts_of(with_test_file(sample_test=25), seed=3)
+    assert len(a) == 25 and a == prompts_of(with_test_file(sample_test=25), seed=3)
+    assert a != prompts_of(with_test_file(sample_test=25), seed=4)
+    every = prompts_of(with_test_file(), seed=3)
     assert set(a) <= set(every) and len(set(a)) == 25
     # sample_test reads the rows eval would draw with the same n and seed (MiniOneRec's df.sample)
     ev = sid.build_examples(with_test_file(sample_eval=25), ALL, "eval", seed=3)
     assert [p.target + "\n" for p in a] == [e.response for e in ev]
-    assert len(sid.build_test_prompts(with_test_file(sample_test=10**6), seed=0)) == 4533
+    assert len(prompts_of(with_test_file(sample_test=10**6), seed=0)) == 4533
 
 
 def test_test_prompts_sample_matches_pandas_like_minionerec():
     pd = pytest.importorskip("pandas")
     rows = pd.read_csv(TEST).sample(30, random_state=11)
-    got = sid.build_test_prompts(with_test_file(sample_test=30), seed=11)
+    got = prompts_of(with_test_file(sample_test=30), seed=11)
     assert [p.target for p in got] == list(rows["item_sid"])
 
 
 def _test_raises(cfg, key_text: str) -> str:
     with pytest.raises(ConfigError) as e:
-        sid.build_test_prompts(cfg, seed=0)
+        prompts_of(cfg, seed=0)
     msg = str(e.value)
     assert msg.startswith(key_text) and "\n" not in msg, msg
     return msg
@@ -357,7 +513,7 @@ def test_test_file_errors_name_the_key(tmp_path, small_index):
 
 
 def test_tokenize_prompts_left_truncates_without_special_tokens(tokenizer):
-    prompts = sid.build_test_prompts(with_test_file(sample_test=4), seed=0)
+    prompts = prompts_of(with_test_file(sample_test=4), seed=0)
     full = sid.tokenize_prompts(prompts, tokenizer, max_len=4096)
     assert [tokenizer.decode(ids.tolist()) for ids in full] == [p.prompt for p in prompts]
     assert all(ids.dtype == np.int32 for ids in full)

@@ -168,7 +168,7 @@ def test_mllm_train_is_the_trainers_own_command_line(tmp_path):
     helped = run("--help")
     assert helped.returncode == 0 and "--run-mode" in helped.stdout and "--print-config" in helped.stdout
     bad = run("nope")
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown recipe 'nope'; expected one of nanogpt, sft"
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown recipe 'nope'; expected one of nanogpt, sft, rl"
     missing = run()
     assert missing.returncode == 2 and "the following arguments are required: recipe" in missing.stderr
 

@@ -72,7 +72,8 @@ def _search_tables(trie: SidTrie) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 class BeamSearch:
-    """K-beam search constrained to the SIDs of `trie`, then its forced "\\n" + EOS suffix.
+    """K-beam search constrained to the SIDs of `trie`, then its forced "\\n" + EOS suffix; or,
+    with `sample=True`, K independent samples per prompt under the same constraint (RL rollouts).
 
     `search(params, input_ids, attention_mask)` (or calling the object) takes (B, L) left-padded
     prompts (global arrays, the batch over BATCH_AXES; every prompt must end with "### Response:\\n")
@@ -80,11 +81,22 @@ class BeamSearch:
     than K items reachable) are -1 / -inf. One jitted program per (B, L): a bucketed batch shape
     compiles once (`compiles()` counts them). `model` may compute in bfloat16 (its dtype); the
     scores are float32 sums either way. `mesh` None: no sharding constraints (one device).
+
+    `temperature`: log-probs of logits / temperature (MiniOneRec's RL rollouts put a temperature
+    warper before the constraint: log_softmax(log_softmax(logits) / T) is log_softmax(logits / T)).
+    `sample`: each of the K rows of a prompt draws its next token from its allowed children, with
+    probabilities proportional to exp(log-prob) (Gumbel-max; transformers' do_sample with the
+    constraint), from `key` (an argument of the call: the same key gives the same samples on any
+    mesh); rows are not reordered and sorted by nothing. Scores are the samples' summed log-probs.
     """
 
-    def __init__(self, model: Qwen2, trie: SidTrie, num_beams: int, mesh: Mesh | None = None):
+    def __init__(self, model: Qwen2, trie: SidTrie, num_beams: int, mesh: Mesh | None = None,
+                 temperature: float = 1.0, sample: bool = False):
         if not isinstance(num_beams, int) or num_beams < 1:
             raise ConfigError(f"num_beams: expected a positive integer, got {num_beams!r}")
+        if not temperature > 0:
+            raise ConfigError(f"temperature: expected a positive number, got {temperature!r}")
+        self.temperature, self.sample = float(temperature), sample
         used = [*trie.id_to_token, *trie.suffix.tolist()]
         if max(used) >= model.cfg.vocab_size or min(used) < 0:
             raise ConfigError(f"SID trie: token id {max(used)} is outside the model's vocabulary of "
@@ -98,18 +110,33 @@ class BeamSearch:
         """The trie's tables (numpy), the last two arguments of `jitted`."""
         self._placed: tuple[jax.Array, ...] | None = None
         self.jitted = jax.jit(self._run)
-        """The program: (params, input_ids, attention_mask, *tables) -> (sids, scores)."""
+        """The program: (params, input_ids, attention_mask, *tables, key data) -> (sids, scores)."""
 
-    def __call__(self, params, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, params, input_ids: jax.Array, attention_mask: jax.Array,
+                 key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         if self._placed is None:  # on the devices at first use (preflight only compiles `jitted`)
             if self.mesh is None:
                 self._placed = tuple(jnp.asarray(x) for x in self.tables)
             else:  # replicated; built from each process's own copy, so multi-host works too
                 self._placed = tuple(jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, P()),
                                                                   lambda i, x=x: x[i]) for x in self.tables)
-        return self.jitted(params, input_ids, attention_mask, *self._placed)
+        if self.sample and key is None:
+            raise ValueError("BeamSearch(sample=True) needs a PRNG key")
+        # The key travels as host data (replicated on any mesh, several processes too).
+        raw = np.asarray(jax.random.key_data(jax.random.key(0) if key is None else key))
+        return self.jitted(params, input_ids, attention_mask, *self._placed, raw)
 
     search = __call__
+
+    def abstract_args(self, params, prompts: int, length: int) -> tuple:
+        """`jitted`'s arguments as shapes, for compiling it without data (preflight): `params`
+        (abstract), `prompts` prompts of `length` tokens split over the data-parallel axes."""
+        assert self.mesh is not None
+        batch, replicated = NamedSharding(self.mesh, P(BATCH_AXES)), NamedSharding(self.mesh, P())
+        return (params, jax.ShapeDtypeStruct((prompts, length), jnp.int32, sharding=batch),
+                jax.ShapeDtypeStruct((prompts, length), jnp.bool_, sharding=batch),
+                *(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated) for x in self.tables),
+                jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, np.uint32, sharding=replicated))
 
     def compiles(self) -> int:
         """How many programs were compiled so far (one per distinct input shape)."""
@@ -128,7 +155,8 @@ class BeamSearch:
                      for i, a in enumerate(rest))
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(BATCH_AXES, *rest)))
 
-    def _run(self, params, input_ids, attention_mask, next_tokens, next_node):
+    def _run(self, params, input_ids, attention_mask, next_tokens, next_node, key_data):
+        key = jax.random.wrap_key_data(key_data)
         model, cfg = self.model, self.model.cfg
         K, T, C = self.num_beams, self.steps, self._width
         B, L = input_ids.shape
@@ -159,20 +187,32 @@ class BeamSearch:
         def children_logp(logits, node):
             """log-probs (B, K, C) of each beam's children; logits (B, K, V), node (B, K)."""
             toks = next_tokens[node]
+            logits = logits / self.temperature
             lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
             return jnp.take_along_axis(logits, jnp.maximum(toks, 0), axis=-1) - lse
 
         node = jnp.zeros((B, K), jnp.int32)
         cand_lp = children_logp(jnp.broadcast_to(logits[:, :1], (B, K, logits.shape[-1])), node)
-        scores = self._constrain(jnp.full((B, K), -jnp.inf, jnp.float32).at[:, 0].set(0.0))
+        start = jnp.zeros((B, K), jnp.float32)
+        if not self.sample:  # one beam to start from; sampling rows are independent from the start
+            start = start.at[:, 1:].set(-jnp.inf)
+        scores = self._constrain(start)
         hist = jnp.full((B, K, T), -1, jnp.int32)
         gen = new_cache(B * K, G)
 
         def select(scores, node, hist, cand_lp, t):
             toks, kids = next_tokens[node], next_node[node]  # (B, K, C)
-            cand = jnp.where(toks >= 0, scores[..., None] + cand_lp, -jnp.inf).reshape(B, K * C)
-            top, flat = jax.lax.top_k(cand, K)
-            parent = flat // C
+            if self.sample:  # Gumbel-max over each row's own children: a draw from their softmax
+                noise = jax.random.gumbel(jax.random.fold_in(key, t), (B, K, C))
+                pick = jnp.argmax(jnp.where(toks >= 0, cand_lp + noise, -jnp.inf), axis=-1)
+                parent = jnp.broadcast_to(jnp.arange(K), (B, K))
+                flat = parent * C + pick
+                top = scores + jnp.take_along_axis(jnp.where(toks >= 0, cand_lp, -jnp.inf), pick[..., None],
+                                                   axis=-1)[..., 0]
+            else:
+                cand = jnp.where(toks >= 0, scores[..., None] + cand_lp, -jnp.inf).reshape(B, K * C)
+                top, flat = jax.lax.top_k(cand, K)
+                parent = flat // C
             alive = top > -jnp.inf
             tok = jnp.where(alive, jnp.take_along_axis(toks.reshape(B, K * C), flat, axis=1), -1)
             node = jnp.where(alive, jnp.take_along_axis(kids.reshape(B, K * C), flat, axis=1), self._dead)

@@ -37,21 +37,31 @@ CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.json", "toke
 
 
 def resolve_model_dir(base_model: str, files: list[str] | None = None) -> Path:
-    """A local model directory as is, or a Hub id ("Qwen/Qwen2.5-0.5B") downloaded to the
-    Hugging Face cache (weights, config and tokenizer only; `files`: only these patterns)."""
+    """A local model directory as is, or a Hub id downloaded to the Hugging Face cache (weights, config
+    and tokenizer only; `files`: only these patterns): "Qwen/Qwen2.5-0.5B", or "org/repo/sub/dir" for a
+    model kept in a subfolder of a repo (as released MiniOneRec checkpoints are), of which only
+    sub/dir's files are downloaded."""
     path = Path(base_model).expanduser()
     if path.is_dir():
         return path
-    if base_model.startswith(("/", ".", "~")) or base_model.count("/") > 1:
+    parts = base_model.strip("/").split("/")
+    if base_model.startswith(("/", ".", "~")) or (len(parts) > 2 and Path(parts[0]).is_dir()):
+        # a local path (e.g. runs/<run>/hf mistyped), not a hub repo
         raise ConfigError(f"base_model {base_model!r}: no such directory")
     from huggingface_hub import snapshot_download
 
+    repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+    patterns = [f"{subfolder}/{p}" for p in files or HUB_FILES] if subfolder else files or HUB_FILES
     try:
-        return Path(snapshot_download(base_model, allow_patterns=files or HUB_FILES))
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"base_model {base_model!r}: not a local directory, and the Hugging Face Hub "
                           f"download failed ({reason})") from None
+    model_dir = snapshot / subfolder
+    if subfolder and not (model_dir / "config.json").is_file():
+        raise ConfigError(f"base_model {base_model!r}: no {subfolder}/config.json in the Hugging Face repo {repo_id}")
+    return model_dir
 
 
 def _read_json(path: Path) -> dict:
@@ -372,3 +382,36 @@ def save_pretrained(out_dir: str | Path, params: dict, cfg: Qwen2Config, tokeniz
     for stale in ["model.safetensors.index.json", *(p.name for p in out_dir.glob("model-*.safetensors"))]:
         (out_dir / stale).unlink(missing_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+@dataclass
+class OpenedModel:
+    """A model directory opened for fine-tuning with extra tokens (e.g. MiniOneRec's SID tokens)."""
+
+    model_dir: Path
+    tokenizer: Tokenizer
+    """With the tokens added."""
+    eos_id: int
+    weights: Weights
+    """Opened (memory-mapped) with the vocabulary grown to the tokenizer's size."""
+    token_extension: dict[str, int]
+    """What adding the tokens did: sid_tokens, added_tokens, tokenizer_size_before,
+    embedding_rows_before, vocab_size (the run summary's `token_extension`)."""
+
+
+def open_with_tokens(base_model: str, tokens: list[str], mesh: Mesh) -> OpenedModel:
+    """Resolve `base_model` (a directory or hub id), add `tokens` to its tokenizer as whole ordinary
+    tokens (those already there are kept, e.g. a model fine-tuned with them before) and open its
+    weights with the vocabulary grown to the tokenizer's size (new rows at the mean, see
+    open_weights). Bad files are one-line ConfigErrors; nothing is loaded yet."""
+    model_dir = resolve_model_dir(base_model)
+    model_cfg = load_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    eos_id = eos_token_id(model_dir, tokenizer)
+    vocab_before = tokenizer.get_vocab_size(with_added_tokens=True)
+    added = add_tokens(tokenizer, tokens)
+    extension = {"sid_tokens": len(tokens), "added_tokens": added, "tokenizer_size_before": vocab_before,
+                 "embedding_rows_before": model_cfg.vocab_size,
+                 "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}
+    weights = open_weights(model_dir, model_cfg, mesh, vocab_size=extension["vocab_size"])
+    return OpenedModel(model_dir, tokenizer, eos_id, weights, extension)

@@ -212,11 +212,16 @@ class Qwen2(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, cache: dict | None = None,
-                 prefix: dict | None = None, hidden_only: bool = False) -> tuple[jax.Array, dict | None]:
+                 prefix: dict | None = None, hidden_only: bool = False,
+                 return_kv: bool = False) -> tuple[jax.Array, dict | None]:
         """Token ids (B, T) -> (logits (B, T, padded_vocab_size) float32, updated cache or None).
 
         `hidden_only`: return the final-norm hidden states (B, T, hidden) instead of the logits,
         for a loss that applies the head a chunk at a time (`chunked_cross_entropy`).
+
+        `return_kv` (no cache): return {"k": [layers x (B, T, KVH, hd)], "v": same}, the keys and
+        values of the T tokens, in place of the cache: a prompt's, for later rows to attend to as
+        their `prefix` (a differentiable function of the parameters, unlike a decoding cache's use).
 
         Attention is always causal (by slot); `attention_mask` marks valid keys, (B, T), or
         (B, max_len) with a cache, e.g. False on left padding. `positions` (B, T) feed the
@@ -253,13 +258,15 @@ class Qwen2(nn.Module):
         embed = nn.Embed(cfg.padded_vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         x = embed(input_ids)
+        if return_kv and cache is not None:
+            raise ValueError("return_kv: only without a cache (the cache already holds the keys and values)")
         layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         new_k, new_v = [], []
-        if self.scan_layers and cache is None and prefix is None and not self.is_initializing():
-            x = self._scan_layers(x, cos, sin, mask)
+        if self.scan_layers and cache is None and not self.is_initializing():
+            x, new_k, new_v = self._scan_layers(x, cos, sin, mask, prefix, return_kv)
         else:
             for i in range(cfg.num_hidden_layers):
-                kv = (cache["k"][i], cache["v"][i]) if cache is not None else None
+                kv = (cache["k"][i], cache["v"][i]) if cache is not None else self._empty_kv(x) if return_kv else None
                 pre = (prefix["k"][i], prefix["v"][i], prefix["mask"].astype(bool)) if prefix is not None else None
                 layer = layer_cls(cfg, self.dtype, self.param_dtype, self.attention, self.mesh, name=f"layers_{i}")
                 x, kv = layer(x, cos, sin, mask, kv, start, pre)
@@ -268,25 +275,42 @@ class Qwen2(nn.Module):
                     new_v.append(kv[1])
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         new_cache = {"k": new_k, "v": new_v, "index": start + T} if cache is not None else None
+        if return_kv:
+            new_cache = {"k": new_k, "v": new_v}
         if not cfg.tie_word_embeddings:  # declares lm_head/kernel (on no rows); head_logits applies it
             Linear(cfg.padded_vocab_size, False, 0.02, self.dtype, self.param_dtype, name="lm_head")(x[:, :0])
         if hidden_only:
             return x, new_cache
         return head_logits(self.variables["params"], x, cfg, self.dtype), new_cache
 
-    def _scan_layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
-        """The decoder layers as one lax.scan over their parameters stacked on a new axis 0."""
+    def _empty_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """A zero (k, v) slot for each of x's tokens: a layer writes its keys/values there (return_kv)."""
+        shape = (*x.shape[:2], self.cfg.num_key_value_heads, self.cfg.head_dim)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def _scan_layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
+                     prefix: dict | None, return_kv: bool) -> tuple[jax.Array, list, list]:
+        """The decoder layers as one lax.scan over their parameters (and the prefix's per-layer
+        keys/values) stacked on a new axis 0; returns (x, keys, values), the per-layer lists empty
+        unless `return_kv`."""
         params = self.variables["params"]
-        stacked = jax.tree.map(lambda *ws: jnp.stack(ws),
-                               *(params[f"layers_{i}"] for i in range(self.cfg.num_hidden_layers)))
+        n = self.cfg.num_hidden_layers
+        stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *(params[f"layers_{i}"] for i in range(n)))
+        xs = (stacked, jnp.stack(prefix["k"]), jnp.stack(prefix["v"])) if prefix is not None else (stacked,)
         layer = DecoderLayer(self.cfg, self.dtype, self.param_dtype, self.attention, self.mesh, parent=None)
 
-        def body(h: jax.Array, p: dict) -> tuple[jax.Array, None]:
-            return layer.apply({"params": p}, h, cos, sin, mask)[0], None
+        def body(h: jax.Array, per_layer: tuple) -> tuple[jax.Array, tuple | None]:
+            pre = (per_layer[1], per_layer[2], prefix["mask"].astype(bool)) if prefix is not None else None
+            kv = self._empty_kv(h) if return_kv else None
+            h, kv = layer.apply({"params": per_layer[0]}, h, cos, sin, mask, kv, 0, pre)
+            return h, kv
 
         if self.remat:  # as nn.remat: keep only each layer's input for the backward pass
             body = jax.checkpoint(body)
-        return jax.lax.scan(body, x, stacked)[0]
+        x, kv = jax.lax.scan(body, x, xs)
+        if not return_kv:
+            return x, [], []
+        return x, [kv[0][i] for i in range(n)], [kv[1][i] for i in range(n)]
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, mesh: Mesh | None) -> jax.Array:

@@ -10,7 +10,6 @@ trie, HR@K / NDCG@K as MiniOneRec computes them; exports the fine-tuned model to
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,8 @@ from mllm_jax.config import ConfigError, NonNegativeInt, PositiveFloat, Positive
 from mllm_jax.optim import OptimizerConfig
 from mllm_jax.contracts import SftSummary
 from mllm_jax.data import sid
-from mllm_jax.eval.beam_search import BeamSearch, left_pad
-from mllm_jax.eval.metrics import ranking_metrics, write_eval_files
+from mllm_jax.eval.beam_search import BeamSearch
+from mllm_jax.eval.sid_eval import SidEvalConfig, evaluate_sids, index_batches, padded_length
 from mllm_jax.eval.sid_trie import SidTrie, build_trie
 from mllm_jax.models import hf, qwen2
 from mllm_jax.runtime import JaxConfig
@@ -72,24 +71,21 @@ class TrainConfig(LoopConfig, OptimizerConfig):
     attention: Literal["xla", "cudnn", "splash"] = "xla"
     """Attention in training and the eval loss: xla (any backend), cudnn (fused, NVIDIA GPUs),
     splash (the Pallas kernel, TPUs). The beam search always uses xla."""
+    load_best_model_at_end: bool = True
+    """Finish (export hf/) with the parameters of the best evaluation of train.best_metric (the
+    eval loss by default), as MiniOneRec's sft.py (load_best_model_at_end=True)."""
+    early_stopping_patience: NonNegativeInt = 3
+    """Stop after this many evaluations without a new best (MiniOneRec's EarlyStoppingCallback(3));
+    0 = never."""
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SidEvalConfig):
     """The SID evaluation: constrained beam search over the index's SIDs on data.test_file."""
 
-    num_beams: PositiveInt = 50
-    topk: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20, 50])
-    """K of HR@K and NDCG@K; each <= num_beams."""
-    per_device_batch_size: PositiveInt = 1
-    """Prompts per data-parallel device in one beam search (each carries num_beams sequences)."""
     checkpoint: str | None = None
     """With run_mode eval: an orbax checkpoint directory (a run's checkpoints/) whose latest step
     is evaluated; None = the base_model weights."""
-
-    def validate(self) -> None:
-        if not self.topk or any(k < 1 or k > self.num_beams for k in self.topk):
-            raise ConfigError(f"eval.topk: expected values in 1..num_beams={self.num_beams}, got {self.topk}")
 
 
 @dataclass
@@ -119,6 +115,14 @@ class Config:
             raise ConfigError(f"data.test_file: run_mode {self.run_mode} needs the CSV to evaluate on")
         if self.eval.checkpoint and self.run_mode != "eval":
             raise ConfigError("eval.checkpoint: only used with run_mode eval (training resumes with --resume)")
+        t = self.train
+        if t.selects_best and self.run_mode != "eval":
+            if t.best_metric == "eval/loss" and not self.data.eval_file:
+                raise ConfigError("train.best_metric eval/loss needs data.eval_file (or set train.load_best_model_at_end="
+                                  "false and train.early_stopping_patience=0)")
+            if t.best_metric != "eval/loss" and self.run_mode != "train_eval":
+                raise ConfigError(f"train.best_metric {t.best_metric}: the SID evaluation runs only with run_mode "
+                                  "train_eval")
 
 
 @dataclass
@@ -126,9 +130,9 @@ class Prepared:
     """Everything read from disk before the run starts (bad input fails here)."""
 
     model_dir: Path
-    model_cfg: qwen2.Qwen2Config
     weights: hf.Weights
-    """Opened and checked against model_cfg (memory-mapped: loaded when the Task is built)."""
+    """Opened and checked against config.json, the vocabulary grown by the SID tokens (memory-mapped:
+    loaded when the Task is built)."""
     tokenizer: Any
     eos_id: int
     token_extension: dict[str, int]
@@ -140,28 +144,8 @@ class Prepared:
     trie: SidTrie | None
 
 
-def _padded_length(n: int) -> int:
-    return -(-n // SEQ_MULTIPLE) * SEQ_MULTIPLE
-
-
 def seq_len(examples: sid.TokenizedExamples, max_len: int) -> int:
-    return min(max_len, _padded_length(examples.max_length()))
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    """The example order of one epoch (computed once per epoch, not once per step)."""
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def step_indices(num_examples: int, global_batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Example indices of update `step` (-1 = empty filler row): a pure function of (seed,
-    step), so a resumed run sees the same batches. Each epoch is a fresh permutation and
-    its last batch may be partial."""
-    steps_per_epoch = math.ceil(num_examples / global_batch_size)
-    epoch, pos = divmod(step, steps_per_epoch)
-    chunk = _epoch_order(num_examples, seed, epoch)[pos * global_batch_size:(pos + 1) * global_batch_size]
-    return np.concatenate([chunk, np.full(global_batch_size - len(chunk), -1)])
+    return min(max_len, padded_length(examples.max_length(), SEQ_MULTIPLE))
 
 
 class SftPrograms:
@@ -271,7 +255,7 @@ class SFTTask:
 
     # --- batches ---------------------------------------------------------------------------
     def _train_batch(self, step: int) -> dict[str, jax.Array]:
-        idx = step_indices(len(self.prep.train), self.cfg.train.global_batch_size, self.cfg.seed, step)
+        idx = runtime.step_indices(len(self.prep.train), self.cfg.train.global_batch_size, self.cfg.seed, step)
         idx = idx.reshape(self.accum, self.micro)[:, self.rows]
         local = self.prep.train.batch(idx.reshape(-1), self.seq, self.prep.eos_id)
         sharding = NamedSharding(self.mesh, P(None, runtime.BATCH_AXES))
@@ -306,33 +290,15 @@ class SFTTask:
     def _eval_loss(self, params: Any, data: sid.TokenizedExamples) -> float:
         seq = seq_len(data, self.cfg.data.max_len)
         sums = []
-        for idx in _batches(len(data), self.micro):
+        for idx in index_batches(len(data), self.micro):
             batch = runtime.to_global(data.batch(idx[self.rows], seq, self.prep.eos_id), self.mesh, self.micro)
             sums.append(self._eval_sums(params, batch))
         loss, count = np.sum(np.asarray(jax.device_get(sums)), axis=0)
         return float(loss / max(count, 1.0))
 
     def _sid_eval(self, params: Any, step: int) -> dict[str, float]:
-        """Constrained beam search over every test prompt: each process feeds its rows of each
-        batch, every process gathers all beams, process 0 writes eval_predictions.json and
-        eval_metrics.json into the run dir."""
-        prompts = self.prep.test_ids
-        size = self.cfg.eval.per_device_batch_size * runtime.data_parallel_size(self.mesh)
-        rows = runtime.process_rows(size)
-        predictions: list[list[str]] = []
-        for idx in _batches(len(prompts), size):
-            length = _padded_length(max(len(prompts[i]) for i in idx if i >= 0))
-            local = [prompts[max(i, 0)] for i in idx[rows]]  # a filler row repeats prompt 0; dropped below
-            ids, mask = left_pad(local, length, self.prep.eos_id)
-            batch = runtime.to_global({"ids": ids, "mask": mask}, self.mesh, size)
-            tokens, _ = self.search(params, batch["ids"], batch["mask"])
-            tokens = runtime.to_host(tokens)
-            predictions += [[self.prep.trie.decode(b) for b in tokens[r]] for r, i in enumerate(idx) if i >= 0]
-        targets = [p.target for p in self.prep.test]
-        result = ranking_metrics(predictions, targets, self.cfg.eval.topk, self.prep.trie.valid)
-        if jax.process_index() == 0:
-            write_eval_files(Path(self.cfg.output_dir), predictions, targets, result, step)
-        return {f"eval/{k}": float(v) for k, v in result.items()}
+        return evaluate_sids(self.search, params, self.prep.test_ids, [p.target for p in self.prep.test],
+                             self.cfg.eval, self.mesh, self.prep.eos_id, Path(self.cfg.output_dir), step)
 
     def finish(self, state: dict[str, Any], console: Console) -> SftSummary:
         t = self.cfg.train
@@ -358,12 +324,6 @@ class SFTTask:
             out["hf_export_dir"] = str(hf_dir.absolute())
             console.print(f"exported the fine-tuned model to {hf_dir}")
         return out
-
-
-def _batches(n: int, size: int) -> list[np.ndarray]:
-    """0..n-1 in rows of `size`, the last row padded with -1 (an empty filler)."""
-    order = np.concatenate([np.arange(n), np.full(-n % size, -1)])
-    return list(order.reshape(-1, size))
 
 
 def _restore_latest(directory: str, like: dict[str, Any]) -> dict[str, Any]:
@@ -393,18 +353,9 @@ def prepare(cfg: Config, mesh: jax.sharding.Mesh) -> Prepared:
     if backend and jax.default_backend() != backend:
         raise ConfigError(f"train.attention: {cfg.train.attention} needs a {backend.upper()} backend, this run's is "
                           f"{jax.default_backend()}; use xla here")
-    model_dir = hf.resolve_model_dir(cfg.base_model)
-    model_cfg = hf.load_config(model_dir)
-    tokenizer = hf.load_tokenizer(model_dir)
-    eos_id = hf.eos_token_id(model_dir, tokenizer)
     index = sid.load_index(cfg.data.sid_index_path)
-    tokens = sid.sid_tokens(index)
-    vocab_before = tokenizer.get_vocab_size(with_added_tokens=True)
-    added = hf.add_tokens(tokenizer, tokens)
-    extension = {"sid_tokens": len(tokens), "added_tokens": added, "tokenizer_size_before": vocab_before,
-                 "embedding_rows_before": model_cfg.vocab_size,
-                 "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}
-    weights = hf.open_weights(model_dir, model_cfg, mesh, vocab_size=extension["vocab_size"])
+    opened = hf.open_with_tokens(cfg.base_model, sid.sid_tokens(index), mesh)
+    tokenizer, eos_id = opened.tokenizer, opened.eos_id
     train = None
     if cfg.run_mode != "eval":
         train = sid.tokenize(sid.build_examples(cfg.data, cfg.tasks, "train", cfg.seed), tokenizer, eos_id,
@@ -415,12 +366,13 @@ def prepare(cfg: Config, mesh: jax.sharding.Mesh) -> Prepared:
                              cfg.data.max_len)
     test, test_ids, trie = [], [], None
     if cfg.run_mode != "train":
-        test = sid.build_test_prompts(cfg.data, cfg.seed)
+        test = sid.build_test_prompts(cfg.data.test_file, cfg.data.sid_index_path, cfg.data.sample_test, cfg.seed)
         test_ids = sid.tokenize_prompts(test, tokenizer, cfg.data.max_len)
         trie = build_trie(index, tokenizer, eos_id)
     if cfg.eval.checkpoint and not Path(cfg.eval.checkpoint).is_dir() and "://" not in cfg.eval.checkpoint:
         raise ConfigError(f"eval.checkpoint: directory not found: {cfg.eval.checkpoint}")
-    return Prepared(model_dir, model_cfg, weights, tokenizer, eos_id, extension, train, evals, test, test_ids, trie)
+    return Prepared(opened.model_dir, opened.weights, tokenizer, eos_id, opened.token_extension, train, evals, test,
+                    test_ids, trie)
 
 
 def build(cfg: Config, mesh: jax.sharding.Mesh) -> Callable[[], SFTTask]:
@@ -469,11 +421,7 @@ def preflight(cfg: Config, mesh: jax.sharding.Mesh) -> "Plan":
         search = BeamSearch(programs.model, build_trie(index, tokenizer, hf.eos_token_id(model_dir, tokenizer)),
                             cfg.eval.num_beams, mesh)
         prompts = cfg.eval.per_device_batch_size * runtime.data_parallel_size(mesh)
-        batch = NamedSharding(mesh, P(runtime.BATCH_AXES))
-        args = (state["params"], jax.ShapeDtypeStruct((prompts, seq), jnp.int32, sharding=batch),
-                jax.ShapeDtypeStruct((prompts, seq), jnp.bool_, sharding=batch),
-                *(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=runtime.replicated(mesh)) for x in search.tables))
-        plan.programs.append(Program("beam_search", search.jitted, args,
+        plan.programs.append(Program("beam_search", search.jitted, search.abstract_args(state["params"], prompts, seq),
                                      note=f"{prompts} prompts of {seq} tokens x {cfg.eval.num_beams} beams"))
     plan.knobs = [f"train.per_device_train_batch_size (now {t.per_device_train_batch_size}; the accumulation "
                   "keeps train.global_batch_size)"]
