@@ -349,7 +349,7 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
     selection: Selection | None = None
     stop = _StopFlag()
     try:
-        if cfg.train.selects_best:
+        if cfg.train.selects_best and task.max_steps > 0:  # an evaluation-only run has nothing to select
             events = history if history is not None else tracker.history
             selection = Selection(cfg.train, checkpointer.directory,
                                   [(e["step"], e[cfg.train.best_metric]) for e in events
