@@ -228,8 +228,8 @@ class Selection:
     (strictly better replaces it), the evaluations since, and with load_best_model_at_end the
     parameters of that evaluation, saved in <checkpoint_dir>/best."""
 
-    def __init__(self, cfg: LoopConfig, directory: str, history: list[tuple[int, float]], resume_step: int | None):
-        """`history`: the (step, value) of the metric up to `resume_step` (the checkpoint's events)."""
+    def __init__(self, cfg: LoopConfig, directory: str, history: list[tuple[int, float]]):
+        """`history`: the (step, value) of the metric up to the step resumed from (the checkpoint's events)."""
         self.metric, self.patience = cfg.best_metric, cfg.early_stopping_patience
         self.higher = not cfg.best_metric.endswith("loss")
         self.best: tuple[int, float] | None = None
@@ -353,7 +353,7 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
             events = history if history is not None else tracker.history
             selection = Selection(cfg.train, checkpointer.directory,
                                   [(e["step"], e[cfg.train.best_metric]) for e in events
-                                   if cfg.train.best_metric in e and e["step"] <= (resume_step or 0)], resume_step)
+                                   if cfg.train.best_metric in e and e["step"] <= (resume_step or 0)])
         console = Console(task.max_steps, resume_step or 0, active=main)
         state = task.state
         if resume_step is not None:
