@@ -415,3 +415,17 @@ def open_with_tokens(base_model: str, tokens: list[str], mesh: Mesh) -> OpenedMo
                  "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}
     weights = open_weights(model_dir, model_cfg, mesh, vocab_size=extension["vocab_size"])
     return OpenedModel(model_dir, tokenizer, eos_id, weights, extension)
+
+
+def config_with_tokens(base_model: str, tokens: list[str] | None, mesh: Mesh) -> tuple[Path, Qwen2Config, Tokenizer]:
+    """open_with_tokens from config.json and the tokenizer alone (what preflight reads; no weights):
+    (model dir, config with the vocabulary grown to the tokenizer with `tokens` added and padded for
+    `mesh`, that tokenizer). `tokens` None keeps config.json's vocab_size."""
+    model_dir = resolve_model_dir(base_model, CONFIG_FILES)
+    cfg = load_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    vocab = cfg.vocab_size
+    if tokens is not None:
+        add_tokens(tokenizer, tokens)
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    return model_dir, replace(cfg, vocab_size=vocab, padded_vocab_size=padded_vocab(vocab, mesh)), tokenizer

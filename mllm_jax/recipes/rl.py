@@ -215,7 +215,8 @@ class RlPrograms:
                                            abstract, self.state_shardings)
         self.rollout = BeamSearch(self.model, trie, r.num_generations, mesh, r.temperature,
                                   sample=not r.beam_search)
-        self.score = jax.jit(self._score)
+        self.score = jax.jit(self._logps)
+        """The scoring forward: reference (and rollout-policy) log-probs of a micro-batch."""
         self.update = jax.jit(self._update, donate_argnums=0, out_shardings=(self.state_shardings, None))
         self.sync_ref = jax.jit(self._sync_ref, donate_argnums=0, out_shardings=self.state_shardings)
 
@@ -235,12 +236,9 @@ class RlPrograms:
         return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=s) for k, (shape, dtype) in out.items()}
 
     def _logps(self, params: Any, ids: jax.Array, mask: jax.Array, sids: jax.Array) -> jax.Array:
+        """(M, G, C) log-probs of one micro-batch's completions (SIDs + suffix) under `params`."""
         return completion_logps(self.model, params, ids, mask, _completions(sids, jnp.asarray(self.suffix)),
                                 self.cfg.rl.temperature)
-
-    def _score(self, params: Any, ids: jax.Array, mask: jax.Array, sids: jax.Array) -> jax.Array:
-        """(M, G, C) log-probs of one micro-batch's completions under `params` (no gradient)."""
-        return self._logps(params, ids, mask, sids)
 
     def _update(self, state: dict[str, Any], batch: dict[str, jax.Array],
                 normalizer: jax.Array) -> tuple[dict[str, Any], dict[str, jax.Array]]:
@@ -464,13 +462,8 @@ def preflight(cfg: Config, mesh: jax.sharding.Mesh) -> "Plan":
 
     _check_batch(cfg, mesh)
     t, r = cfg.train, cfg.rl
-    model_dir = hf.resolve_model_dir(cfg.base_model, hf.CONFIG_FILES)
-    model_cfg = hf.load_config(model_dir)
-    tokenizer = hf.load_tokenizer(model_dir)
     index = sid.load_index(cfg.data.sid_index_path)
-    hf.add_tokens(tokenizer, sid.sid_tokens(index))
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab, padded_vocab_size=hf.padded_vocab(vocab, mesh))
+    model_dir, model_cfg, tokenizer = hf.config_with_tokens(cfg.base_model, sid.sid_tokens(index), mesh)
     trie = build_trie(index, tokenizer, hf.eos_token_id(model_dir, tokenizer))
     programs = RlPrograms(cfg, mesh, model_cfg, trie, t.max_steps or 1)
     seq, micro = padded_length(cfg.data.max_prompt_len), programs.micro

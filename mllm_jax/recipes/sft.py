@@ -9,7 +9,6 @@ trie, HR@K / NDCG@K as MiniOneRec computes them; exports the fine-tuned model to
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,17 +390,10 @@ def preflight(cfg: Config, mesh: jax.sharding.Mesh) -> "Plan":
 
     _check_batch(cfg, mesh)
     t = cfg.train
-    model_dir = hf.resolve_model_dir(cfg.base_model, hf.CONFIG_FILES)
-    model_cfg = hf.load_config(model_dir)
-    tokenizer = hf.load_tokenizer(model_dir)
     index_path = cfg.data.sid_index_path
     index = sid.load_index(index_path) if index_path and Path(index_path).is_file() else None
-    if index is not None:
-        hf.add_tokens(tokenizer, sid.sid_tokens(index))
-        vocab, vocab_from = tokenizer.get_vocab_size(with_added_tokens=True), "tokenizer + SID tokens"
-    else:
-        vocab, vocab_from = model_cfg.vocab_size, "config.json; SID index not on this machine"
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab, padded_vocab_size=hf.padded_vocab(vocab, mesh))
+    model_dir, model_cfg, tokenizer = hf.config_with_tokens(cfg.base_model, index and sid.sid_tokens(index), mesh)
+    vocab_from = "tokenizer + SID tokens" if index is not None else "config.json; SID index not on this machine"
     seq = cfg.data.max_len
     programs = SftPrograms(cfg, mesh, model_cfg, t.max_steps or 1)
     state, micro = programs.abstract_state, programs.micro
