@@ -67,11 +67,15 @@ Name = Annotated[Optional[str], typer.Argument(help="TPU VM name (or --vm; defau
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the API requests it would send, and send none.")]
 Workers = Annotated[str, typer.Option("--worker", "-w", help="Workers: all, an index (0) or a list (1,3).")]
 InternalIp = Annotated[bool, typer.Option("--internal-ip", help="Connect to the workers' internal IPs.")]
-User = Annotated[str, typer.Option("--user", help="SSH user on the workers.")]
+User = Annotated[Optional[str], typer.Option("--user", help="SSH user on the workers (default: root).")]
+SshProxy = Annotated[Optional[str], typer.Option("--ssh-proxy", metavar="COMMAND", help="Reach the workers through "
+                     "this ProxyCommand, e.g. 'ssh -W %h:%p bastion' (remembered; 'none' connects directly).")]
 Local = Annotated[bool, typer.Option("--local", help="This machine instead of a TPU VM (runs under ./runs).")]
 RunId = Annotated[Optional[str], typer.Argument(help="Run id (default: the target's runs/latest).")]
 IncludeDirty = Annotated[bool, typer.Option("--include-dirty", help="Ship a snapshot of uncommitted changes.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+KeepVm = Annotated[Optional[bool], typer.Option("--keep-vm/--delete-vm", help="When the run ends: keep the VM, or "
+                   "delete it and its queued resource (default: delete it only if mllm created it).")]
 
 
 def _age(seconds: int) -> str:
@@ -106,18 +110,34 @@ def vm_create(
     dry_run: DryRun = False,
     timeout: Timeout = 900.0,
     poll: float = typer.Option(10.0, "--poll", help="With --queued: seconds between looks at the queue."),
+    network: Optional[str] = typer.Option(None, "--network", help="VPC network (default: the project's `default`)."),
+    subnetwork: Optional[str] = typer.Option(None, "--subnetwork", help="Subnetwork of --network."),
+    external_ip: bool = typer.Option(True, "--external-ip/--no-external-ip", help="External IPs for the workers "
+                                     "(without: reach them by internal IP, e.g. through --ssh-proxy)."),
+    tags: list[str] = typer.Option([], "--tag", help="Network tag for firewall rules (repeatable)."),
+    service_account: Optional[str] = typer.Option(None, "--service-account", metavar="EMAIL",
+                                                  help="Service account the VM runs as (it writes --bucket checkpoints)."),
+    scopes: list[str] = typer.Option([], "--scopes", help="OAuth scopes of --service-account, comma-separated or "
+                                                          "repeated (default: cloud-platform)."),
+    os_login: bool = typer.Option(False, "--os-login", help="Log in as your OS Login user (key imported through the "
+                                                            "OS Login API) instead of root with a metadata key."),
 ) -> None:
-    """Create a TPU VM whose workers accept the launcher's SSH key as root."""
+    """Create a TPU VM whose workers accept the launcher's SSH key as root (OS Login off for this
+    VM), or your OS Login user with --os-login."""
     from launcher import cloud, keys
 
-    req = cloud.VmRequest.checked(name, accelerator_type, version, spot, queued, guaranteed, reserved, valid_for)
+    net = cloud.Network.checked(network, subnetwork, external_ip, tags, service_account,
+                                [x for s in scopes for x in s.split(",") if x])
+    req = cloud.VmRequest.checked(name, accelerator_type, version, spot, queued, guaranteed, reserved, valid_for,
+                                  net, os_login)
     z = cloud.Zone.resolve(zone, project)
     if dry_run:
         typer.echo(z.create_vm_request(req, keys.public_key()).text())
         return
     try:
         created = z.create_vm(req, keys.ensure_key()[1], timeout, poll, wait=not no_wait,
-                              on_accepted=lambda: state.remember(vm=req.name, zone=z.zone, project=z.project))
+                              on_accepted=lambda: (state.remember(vm=req.name, zone=z.zone, project=z.project),
+                                                   state.mark_created(z.project, z.zone, req.name)))
     except KeyboardInterrupt:
         typer.echo(f"stopped waiting; {req.name} stays queued (remove it with `mllm vm delete {req.name}`)", err=True)
         raise typer.Exit(130)
@@ -200,34 +220,54 @@ def vm_delete(
         raise typer.Exit(1)
 
 
+@app.command("doctor")
+def doctor_cmd(
+    zone: Zone = None,
+    project: Project = None,
+    accelerator_type: str = typer.Option("v6e-8", "--type", help="Accelerator type you mean to create, e.g. v6e-8."),
+    version: str = typer.Option("auto", "--version", help="Runtime version you mean to create with; auto: the type's default."),
+    bucket: Optional[str] = typer.Option(None, "--bucket", metavar="gs://BUCKET[/PREFIX]",
+                                         help="Check that you can write there (default: $MLLM_BUCKET, else the last one used)."),
+) -> None:
+    """Check what a launch needs, one line each (credentials, project, Cloud TPU API, type and
+    runtime in the zone, OS Login, SSH key, bucket, W&B key); exit 1 if anything would stop it."""
+    from launcher import doctor
+
+    checks = doctor.run_checks(zone, project, accelerator_type, version, bucket)
+    for check in checks:
+        typer.echo(check.line())
+    raise typer.Exit(0 if all(c.ok for c in checks) else 1)
+
+
 env_app = typer.Typer(help="Secrets for the workers (.env files).", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(env_app, name="env")
 
 def _cluster(vm: Optional[str], zone: Optional[str], project: Optional[str], worker: str = "all",
-             internal_ip: bool = False, user: str = "root", local: bool = False) -> "cluster.Cluster":
+             internal_ip: bool = False, user: Optional[str] = None, local: bool = False,
+             ssh_proxy: Optional[str] = None) -> "cluster.Cluster":
     from launcher.cluster import Cluster
 
-    return Cluster.local() if local else Cluster.connect(vm, zone, project, worker, internal_ip, user)
+    return Cluster.local() if local else Cluster.connect(vm, zone, project, worker, internal_ip, user, ssh_proxy)
 
 
 @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def exec_cmd(
     ctx: typer.Context, vm: Vm = None, zone: Zone = None, project: Project = None, worker: Workers = "all",
-    internal_ip: InternalIp = False, user: User = "root",
+    internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None,
     env_file: Optional[str] = typer.Option(None, "--env-file", help="Source this pushed env file on the worker first."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop the other workers once one fails."),
 ) -> None:
     """Run a command on workers in parallel: mllm exec --worker all -- CMD ARGS..."""
     if not ctx.args:
         raise LauncherError("no command given: mllm exec [options] -- CMD ARGS...")
-    with _cluster(vm, zone, project, worker, internal_ip, user) as c:
+    with _cluster(vm, zone, project, worker, internal_ip, user, ssh_proxy=ssh_proxy) as c:
         raise typer.Exit(c.exec(list(ctx.args), env_file, fail_fast))
 
 
 @app.command("ssh")
 def ssh_cmd(vm: Vm = None, zone: Zone = None, project: Project = None,
             worker: str = typer.Option("0", "--worker", "-w", help="Worker index."),
-            internal_ip: InternalIp = False, user: User = "root") -> None:
+            internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None) -> None:
     """Interactive shell on one worker (the system ssh, with the launcher's key and verified host key)."""
     import os
 
@@ -235,10 +275,10 @@ def ssh_cmd(vm: Vm = None, zone: Zone = None, project: Project = None,
 
     if worker == "all" or "," in worker:
         raise LauncherError("--worker: mllm ssh opens one shell; give one index")
-    with _cluster(vm, zone, project, worker, internal_ip, user) as c:
+    with _cluster(vm, zone, project, worker, internal_ip, user, ssh_proxy=ssh_proxy) as c:
         (w,) = c.selected
         c.conns.client(w)  # verifies the host key (published or first use) before handing over
-    os.execvp("ssh", keys.ssh_argv(w, user))
+    os.execvp("ssh", keys.ssh_argv(w, c.conns.user, c.conns.proxy))
 
 
 @env_app.command("push")
@@ -246,7 +286,7 @@ def env_push(
     src: str = typer.Option(".env", "--src", help="Local env file (KEY=VALUE lines)."),
     dest: str = typer.Option("/root/.env", "--dest", help="Path of the env file on the workers."),
     vm: Vm = None, zone: Zone = None, project: Project = None, worker: Workers = "all",
-    internal_ip: InternalIp = False, user: User = "root",
+    internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None,
 ) -> None:
     """Copy an env file to the workers over SFTP (mode 0600); prints key names only."""
     from pathlib import Path
@@ -254,7 +294,7 @@ def env_push(
     from launcher import remote, ssh
 
     remote.normalized_env(Path(src))  # a missing or empty file is an error before connecting
-    with _cluster(vm, zone, project, worker, internal_ip, user) as c:
+    with _cluster(vm, zone, project, worker, internal_ip, user, ssh_proxy=ssh_proxy) as c:
         names = c.push_env(Path(src), dest)
     for w in c.selected:
         ssh.emit(w.label, f"{dest} (0600): {', '.join(names)}")
@@ -263,7 +303,7 @@ def env_push(
 @app.command("bootstrap")
 def bootstrap_cmd(
     vm: Vm = None, zone: Zone = None, project: Project = None, worker: Workers = "all",
-    internal_ip: InternalIp = False, user: User = "root",
+    internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None,
     venv: str = typer.Option(contracts.DEFAULT_VENV, "--venv", help="Virtualenv to create on each worker."),
     python: Optional[str] = typer.Option(None, "--python", help="Use this existing interpreter instead of a venv."),
     jax_version: Optional[str] = typer.Option(None, "--jax-version", help="jax/jaxlib (and libtpu) at this version instead of the laptop's."),
@@ -279,18 +319,18 @@ def bootstrap_cmd(
     from launcher import remote
 
     options = remote.InstallOptions(venv, jax_version, python_version, list(find_links), offline, index_url)
-    with _cluster(vm, zone, project, worker, internal_ip, user) as c:
+    with _cluster(vm, zone, project, worker, internal_ip, user, ssh_proxy=ssh_proxy) as c:
         c.bootstrap(options, python, sync_first=not no_sync, include_dirty=include_dirty)
 
 
 @app.command("versions")
 def versions_cmd(vm: Vm = None, zone: Zone = None, project: Project = None, worker: Workers = "all",
-                 internal_ip: InternalIp = False, user: User = "root", as_json: AsJson = False) -> None:
+                 internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None, as_json: AsJson = False) -> None:
     """Python, JAX stack, backend, devices, OS and kernel of this laptop and each worker; a `*`
     marks what differs from the laptop."""
     from launcher import remote
 
-    with _cluster(vm, zone, project, worker, internal_ip, user) as c:
+    with _cluster(vm, zone, project, worker, internal_ip, user, ssh_proxy=ssh_proxy) as c:
         laptop, found, diff = c.versions()
     if as_json:
         typer.echo(json.dumps(remote.versions_json(laptop, found, diff), indent=2))
@@ -306,11 +346,11 @@ def versions_cmd(vm: Vm = None, zone: Zone = None, project: Project = None, work
 @app.command("sync")
 def sync_cmd(
     vm: Vm = None, zone: Zone = None, project: Project = None, worker: Workers = "all",
-    internal_ip: InternalIp = False, user: User = "root",
+    internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None,
     ref: str = typer.Option("HEAD", "--ref", help="Commit, branch or tag to ship."), include_dirty: IncludeDirty = False,
 ) -> None:
     """Make ~/mllm-jax on every worker hold exactly the local commit (over SSH, no GitHub needed)."""
-    with _cluster(vm, zone, project, worker, internal_ip, user) as c:
+    with _cluster(vm, zone, project, worker, internal_ip, user, ssh_proxy=ssh_proxy) as c:
         c.sync(ref, include_dirty)
 
 
@@ -320,7 +360,7 @@ def launch_cmd(
     config: str = typer.Option(..., "--config", help="YAML config (inside the repo: it travels with the sync)."),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config key (repeatable)."),
     vm: Vm = None, zone: Zone = None, project: Project = None, worker: Workers = "all",
-    internal_ip: InternalIp = False, user: User = "root",
+    internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None,
     no_sync: bool = typer.Option(False, "--no-sync", help="Run the code already on the workers."),
     include_dirty: IncludeDirty = False,
     env_file: Optional[str] = typer.Option(None, "--env-file", help="Env file on the target (default: /root/.env if pushed; local: ./.env)."),
@@ -340,6 +380,7 @@ def launch_cmd(
     max_recoveries: int = typer.Option(3, "--max-recoveries", min=0, help="With --recover: recoveries before giving up."),
     restart_on_failure: bool = typer.Option(False, "--restart-on-failure", help="With --recover: resume a job that "
                                                                                 "exited non-zero by itself too."),
+    keep_vm: KeepVm = None,
 ) -> None:
     """Start `python -m mllm_jax train RECIPE` detached on the workers (one process each); on a VM,
     after preflight says the config fits its chips."""
@@ -351,7 +392,7 @@ def launch_cmd(
         watch.Timing.resolve()  # a bad $MLLM_WATCH_* is refused before anything starts
     if not local:  # the remembered bucket is for VMs; a local run uses one only when given
         bucket = state.resolve("bucket", bucket, "--bucket", required=False)
-    with _cluster(vm, zone, project, worker, internal_ip, user, local) as c:
+    with _cluster(vm, zone, project, worker, internal_ip, user, local, ssh_proxy) as c:
         run = c.launch(recipe, config, list(overrides), env_file, not no_sync, include_dirty, force, not no_preflight,
                        resume, bucket)
         if bucket:
@@ -361,7 +402,7 @@ def launch_cmd(
         if follow_logs and not recover:
             raise typer.Exit(run.wait())
     if recover:
-        raise typer.Exit(_watch(run.id, max_recoveries, restart_on_failure, None, None))
+        raise typer.Exit(_watch(run.id, max_recoveries, restart_on_failure, keep_vm, None))
 
 
 def _watch(run_id: str, max_recoveries: Optional[int], restart_on_failure: Optional[bool], keep_vm: Optional[bool],
@@ -396,7 +437,7 @@ def watch_cmd(
     max_recoveries: Optional[int] = typer.Option(None, "--max-recoveries", min=0, help="Recoveries before giving up (default 3, or as set before)."),
     restart_on_failure: Optional[bool] = typer.Option(None, "--restart-on-failure/--no-restart-on-failure",
                                                       help="Also resume a job that exited non-zero by itself."),
-    keep_vm: Optional[bool] = typer.Option(None, "--keep-vm/--delete-vm", help="Keep the VM when the run ends (default: delete it and its queued resource)."),
+    keep_vm: KeepVm = None,
     push_env: Optional[str] = typer.Option(None, "--push-env", metavar="FILE", help="Local env file to push again to a recreated VM (as `mllm env push --src`)."),
     detach: bool = typer.Option(False, "--detach", help="Run in the background (its own session; log in .mllm/watch/RUN.log)."),
     poll: Optional[float] = typer.Option(None, "--poll", min=0, help="Seconds between looks at the VM and the job (default 30, or $MLLM_WATCH_POLL)."),
@@ -433,7 +474,7 @@ def regress_cmd(
     suite: Optional[str] = typer.Argument(None, help="A suite under configs/regress/ (cpu, sop-v6e8) or a YAML file "
                                                      "(default: cpu with --local, else sop-v6e8)."),
     vm: Vm = None, zone: Zone = None, project: Project = None, internal_ip: InternalIp = False,
-    user: User = "root", local: Local = False,
+    user: User = None, ssh_proxy: SshProxy = None, local: Local = False,
     overrides: list[str] = typer.Option([], "--set", metavar="[RUN:]KEY=VALUE",
                                         help="Override a config key of one run (RUN:) or of every run (repeatable)."),
     no_preflight: bool = typer.Option(False, "--no-preflight", envvar="MLLM_NO_PREFLIGHT",
@@ -471,7 +512,7 @@ def regress_cmd(
     regress.validate(s, sets, root)
     if not local:
         sync.resolve_commit(root)  # a dirty tree is refused before any VM is touched
-    with _cluster(vm, zone, project, "all", internal_ip, user, local) as c:
+    with _cluster(vm, zone, project, "all", internal_ip, user, local, ssh_proxy) as c:
         report = regress.run_suite(s, c, sets, root, not no_preflight)
     js, md = regress.write_report(report)
     from rich.console import Console
@@ -509,12 +550,12 @@ def preflight_cmd(
 
 @app.command("status")
 def status_cmd(run: RunId = None, local: Local = False, vm: Vm = None, zone: Zone = None, project: Project = None,
-               worker: Workers = "all", internal_ip: InternalIp = False, user: User = "root",
+               worker: Workers = "all", internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None,
                as_json: AsJson = False) -> None:
     """Per worker: running / exited N / lost, last step and last log line."""
     from dataclasses import asdict
 
-    with _cluster(vm, zone, project, worker, internal_ip, user, local) as c:
+    with _cluster(vm, zone, project, worker, internal_ip, user, local, ssh_proxy) as c:
         r = c.run(run)
         found = r.status()
     if as_json:
@@ -527,22 +568,22 @@ def status_cmd(run: RunId = None, local: Local = False, vm: Vm = None, zone: Zon
 
 @app.command("logs")
 def logs_cmd(run: RunId = None, local: Local = False, vm: Vm = None, zone: Zone = None, project: Project = None,
-             worker: Workers = "all", internal_ip: InternalIp = False, user: User = "root",
+             worker: Workers = "all", internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None,
              follow_logs: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")) -> None:
     """Print the run's logs, `[wK]`-prefixed; -f follows them until the job ends (exit: its code)."""
-    with _cluster(vm, zone, project, worker, internal_ip, user, local) as c:
+    with _cluster(vm, zone, project, worker, internal_ip, user, local, ssh_proxy) as c:
         code = c.run(run).logs(follow=follow_logs)
     raise typer.Exit(code or 0)
 
 
 @app.command("stop")
 def stop_cmd(run: RunId = None, local: Local = False, vm: Vm = None, zone: Zone = None, project: Project = None,
-             worker: Workers = "all", internal_ip: InternalIp = False, user: User = "root",
+             worker: Workers = "all", internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None,
              grace: float = typer.Option(contracts.STOP_GRACE_SEC, "--grace", help="Seconds between TERM (checkpoint) and KILL.")) -> None:
     """Stop the run on every worker: TERM (the trainer checkpoints), then KILL after --grace."""
     from launcher import ssh
 
-    with _cluster(vm, zone, project, worker, internal_ip, user, local) as c:
+    with _cluster(vm, zone, project, worker, internal_ip, user, local, ssh_proxy) as c:
         r = c.run(run)
         for i, outcome in r.stop(grace).items():
             ssh.emit(f"w{i}" if not local else "local", f"{r.id}: {outcome}")
@@ -551,13 +592,13 @@ def stop_cmd(run: RunId = None, local: Local = False, vm: Vm = None, zone: Zone 
 @app.command("fetch-summary")
 def fetch_summary_cmd(run: RunId = None, dest: str = typer.Option(contracts.RUNS_DIR, "--dest", help="Local folder."),
                       local: Local = False, vm: Vm = None, zone: Zone = None, project: Project = None,
-                      internal_ip: InternalIp = False, user: User = "root") -> None:
+                      internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None) -> None:
     """Copy run_summary.json, the resolved config and metrics.jsonl home; index the run."""
     from pathlib import Path
 
     from launcher import runs
 
-    with _cluster(vm, zone, project, "0", internal_ip, user, local) as c:
+    with _cluster(vm, zone, project, "0", internal_ip, user, local, ssh_proxy) as c:
         r = c.run(run)
         summary, entry = r.fetch_summary(Path(dest))
     for line in runs.describe(r.id, summary, entry):

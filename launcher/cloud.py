@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -21,8 +22,10 @@ import google.auth.exceptions
 import requests
 from google.api_core import exceptions as gexc
 from google.api_core import operation
+from google.api_core import retry as gretry
 from google.cloud import tpu_v2
-from google.protobuf import json_format
+from google.protobuf import field_mask_pb2, json_format
+from google.rpc import code_pb2
 
 from launcher.errors import LauncherError
 
@@ -77,6 +80,8 @@ def check_project(project: str) -> str:
 
 
 def make_client() -> tpu_v2.TpuClient:
+    """The Cloud TPU client over REST, the transport the tests drive (gRPC is never shipped
+    untested); with $MLLM_TPU_API_ENDPOINT, that server with anonymous credentials."""
     endpoint = os.environ.get(ENV_ENDPOINT)
     with api_errors("connecting to the Cloud TPU API"):  # no credentials (ADC) is an error here
         if endpoint:
@@ -84,7 +89,7 @@ def make_client() -> tpu_v2.TpuClient:
 
             return tpu_v2.TpuClient(transport="rest", credentials=AnonymousCredentials(),
                                     client_options={"api_endpoint": endpoint})
-        return tpu_v2.TpuClient()
+        return tpu_v2.TpuClient(transport="rest")
 
 
 def resolve_project(given: str | None) -> str:
@@ -141,8 +146,21 @@ def _reason(e: BaseException) -> str:
 
 
 DEFAULT_HOST = "https://tpu.googleapis.com"
+DEFAULT_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
+TRANSIENT = (gexc.ServiceUnavailable, gexc.TooManyRequests, gexc.DeadlineExceeded, gexc.InternalServerError,
+             gexc.GatewayTimeout, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+             google.auth.exceptions.TransportError)
+"""What a bad minute of the API looks like (503, 429, DEADLINE_EXCEEDED, a reset connection, a
+credential refresh that could not reach its server): worth asking again."""
+READ_RETRY = gretry.Retry(predicate=gretry.if_exception_type(*TRANSIENT), initial=0.5, maximum=10.0,
+                          multiplier=2.0, timeout=120.0)
+"""Every read call of the API goes through this: the generated client retries nothing by itself."""
+OS_LOGIN_KEY = "enable-oslogin"
+SSH_KEYS = "ssh-keys"
 # Queued-resource states from which no node will ever come: they only hold quota.
 DEAD_QUEUED_STATES = ("FAILED", "SUSPENDED")
+# Queued-resource states of a request still on its way to a node: waiting keeps its place.
+WAITING_QUEUED_STATES = ("CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING")
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
@@ -204,16 +222,24 @@ class Zone:
     # -- nodes ---------------------------------------------------------------------------
 
     @staticmethod
-    def node_spec(accelerator_type: str, version: str, spot: bool, ssh_public_key: str) -> tpu_v2.Node:
-        """The TPU VM the launcher asks for: external IPs, our label, our SSH key for root."""
-        return tpu_v2.Node(
-            accelerator_type=accelerator_type,
-            runtime_version=version,
-            network_config=tpu_v2.NetworkConfig(enable_external_ips=True),
+    def node_spec(req: VmRequest, spot: bool, ssh_public_key: str) -> tpu_v2.Node:
+        """The TPU VM the launcher asks for: its network and identity as requested, our label, and
+        our SSH key for root with OS Login off for this VM (unless it asked for OS Login), so a
+        project that turns OS Login on does not lock the launcher out of the VM it just made."""
+        node = tpu_v2.Node(
+            accelerator_type=req.accelerator_type,
+            runtime_version=req.version,
+            network_config=tpu_v2.NetworkConfig(enable_external_ips=req.external_ip, network=req.network or "",
+                                                subnetwork=req.subnetwork or ""),
             scheduling_config=tpu_v2.SchedulingConfig(spot=spot),
             labels={"created-by": "mllm"},
-            metadata={"ssh-keys": f"root:{ssh_public_key}"},
+            tags=list(req.tags),
+            metadata={OS_LOGIN_KEY: "TRUE"} if req.os_login else {SSH_KEYS: f"root:{ssh_public_key}",
+                                                                  OS_LOGIN_KEY: "FALSE"},
         )
+        if req.service_account:
+            node.service_account = tpu_v2.ServiceAccount(email=req.service_account, scope=list(req.scopes))
+        return node
 
     def create_request(self, name: str, node: tpu_v2.Node) -> Request:
         return Request("POST", f"{self.parent}/nodes?nodeId={name}", as_json(node))
@@ -225,19 +251,28 @@ class Zone:
 
     def get(self, name: str) -> tpu_v2.Node:
         with api_errors(f"TPU VM {name} in {self.zone}"):
-            return self.client.get_node(name=self.node_path(name))
+            return self.client.get_node(name=self.node_path(name), retry=READ_RETRY)
 
     def find(self, name: str) -> tpu_v2.Node | None:
         """The node, or None when it does not exist (other refusals are one-line errors)."""
         with api_errors(f"TPU VM {name} in {self.zone}"):
             try:
-                return self.client.get_node(name=self.node_path(name))
+                return self.client.get_node(name=self.node_path(name), retry=READ_RETRY)
             except gexc.NotFound:
                 return None
 
     def list(self) -> list[tpu_v2.Node]:
         with api_errors(f"listing TPU VMs in {self.zone}"):
-            return list(self.client.list_nodes(parent=self.parent))
+            return list(self.client.list_nodes(parent=self.parent, retry=READ_RETRY))
+
+    def set_metadata(self, node: tpu_v2.Node, metadata: dict[str, str], timeout: float = 300) -> None:
+        """Replace the node's metadata (UpdateNode, update mask `metadata`), as gcloud does to
+        add an SSH key; the caller keeps every entry it does not mean to change."""
+        name = node.name.rsplit("/", 1)[-1]
+        with api_errors(f"updating the metadata of TPU VM {name}"):
+            op = self.client.update_node(node=tpu_v2.Node(name=node.name, metadata=metadata),
+                                         update_mask=field_mask_pb2.FieldMask(paths=["metadata"]))
+            wait_for(op, timeout, f"adding the SSH key to {name}")
 
     def delete_request(self, name: str) -> Request:
         return Request("DELETE", self.node_path(name))
@@ -247,9 +282,18 @@ class Zone:
             wait_for(self.client.delete_node(name=self.node_path(name)), timeout, f"deleting {name}")
 
     def host_keys(self, name: str) -> dict[int, dict[str, str]]:
-        """Worker index -> {key type: base64 key} as the VM's guest agent published them."""
+        """Worker index -> {key type: base64 key} as the VM's guest agent published them; {} with
+        one warning where guest attributes are refused (org policy
+        compute.disableGuestAttributesAccess, an old TPU): the workers' keys are then pinned on
+        first use, as gcloud does."""
         with api_errors(f"host keys of {name}"):
-            resp = self.client.get_guest_attributes(request={"name": self.node_path(name), "query_path": "hostkeys/"})
+            try:
+                resp = self.client.get_guest_attributes(request={"name": self.node_path(name), "query_path": "hostkeys/"},
+                                                        retry=READ_RETRY)
+            except (gexc.Forbidden, gexc.NotFound, gexc.MethodNotImplemented) as e:
+                print(f"warning: TPU VM {name} publishes no host keys (guest attributes: {e.code.name if e.code else ''}"
+                      f" {e.message}); trusting each worker's key on first use", file=sys.stderr)
+                return {}
         keys: dict[int, dict[str, str]] = {}
         for worker, attrs in enumerate(resp.guest_attributes):  # one entry per worker, in worker order
             for item in attrs.query_value.items:
@@ -260,7 +304,7 @@ class Zone:
     # -- what `mllm vm create` sends -------------------------------------------------------
 
     def _specs(self, req: VmRequest, public_key: str) -> tuple[tpu_v2.Node, tpu_v2.QueuedResource | None]:
-        node = self.node_spec(req.accelerator_type, req.version, req.capacity == "spot" and not req.queued, public_key)
+        node = self.node_spec(req, req.capacity == "spot" and not req.queued, public_key)
         qr = self.queued_spec(req.name, node, req.capacity, req.reservation, req.valid_for) if req.queued else None
         return node, qr
 
@@ -277,9 +321,9 @@ class Zone:
             created = self.create(req.name, node, timeout, wait=wait)
             on_accepted()
             return created
-        self.create_queued(req.name, qr)
+        op = self.create_queued(req.name, qr)
         on_accepted()
-        return wait_queued(self, req.name, timeout, poll) if wait else None
+        return wait_queued(self, req.name, timeout, poll, op) if wait else None
 
     # -- queued resources ------------------------------------------------------------------
 
@@ -302,23 +346,24 @@ class Zone:
     def create_queued_request(self, name: str, qr: tpu_v2.QueuedResource) -> Request:
         return Request("POST", f"{self.parent}/queuedResources?queuedResourceId={name}", as_json(qr))
 
-    def create_queued(self, name: str, qr: tpu_v2.QueuedResource) -> None:
-        """Send the request; the queue is then watched with `wait_queued` (the operation only
-        says that the request was accepted)."""
+    def create_queued(self, name: str, qr: tpu_v2.QueuedResource) -> operation.Operation:
+        """Send the request; the queue is then watched with `wait_queued`, which also reads the
+        returned operation: it only says whether the request was accepted, but a refused one (a
+        type or runtime not offered in the zone) leaves no queued resource to watch."""
         with api_errors(f"queueing TPU VM {name} in {self.zone}"):
-            self.client.create_queued_resource(parent=self.parent, queued_resource=qr, queued_resource_id=name)
+            return self.client.create_queued_resource(parent=self.parent, queued_resource=qr, queued_resource_id=name)
 
     def find_queued(self, name: str) -> tpu_v2.QueuedResource | None:
         """The queued resource, or None when it does not exist (other refusals are one-line errors)."""
         with api_errors(f"queued resource {name} in {self.zone}"):
             try:
-                return self.client.get_queued_resource(name=self.queued_path(name))
+                return self.client.get_queued_resource(name=self.queued_path(name), retry=READ_RETRY)
             except gexc.NotFound:
                 return None
 
     def list_queued(self) -> list[tpu_v2.QueuedResource]:
         with api_errors(f"listing queued resources in {self.zone}"):
-            return list(self.client.list_queued_resources(parent=self.parent))
+            return list(self.client.list_queued_resources(parent=self.parent, retry=READ_RETRY))
 
     def delete_queued_request(self, name: str) -> Request:
         return Request("DELETE", f"{self.queued_path(name)}?force=true")
@@ -330,9 +375,52 @@ class Zone:
             wait_for(op, timeout, f"deleting queued resource {name}")
 
 
+_NETWORK = re.compile(r"^(projects/[a-z][-a-z0-9.:]*[a-z0-9]/(global|regions/[a-z]+-[a-z]+\d+)/(networks|subnetworks)/)?"
+                      r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_TAG = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_EMAIL = re.compile(r"^[a-z0-9][-a-z0-9._]*@[a-z0-9][-a-z0-9.]*\.[a-z]+$")
+_SCOPE = re.compile(r"^https://www\.googleapis\.com/auth/[a-z0-9._-]+$")
+
+
+@dataclass
+class Network:
+    """Where a VM's workers live and who they are: a managed project's VPC, subnetwork, internal
+    addresses only, firewall tags, and the service account (with its scopes) the VM runs as."""
+
+    network: str | None = None
+    subnetwork: str | None = None
+    external_ip: bool = True
+    tags: tuple[str, ...] = ()
+    service_account: str | None = None
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
+
+    @classmethod
+    def checked(cls, network: str | None = None, subnetwork: str | None = None, external_ip: bool = True,
+                tags: list[str] | tuple[str, ...] = (), service_account: str | None = None,
+                scopes: list[str] | tuple[str, ...] = ()) -> Network:
+        for flag, value in (("--network", network), ("--subnetwork", subnetwork)):
+            if value is not None and not _NETWORK.match(value):
+                raise LauncherError(f"{flag} {value!r}: expected a name such as default, or "
+                                    "projects/P/global/networks/N (projects/P/regions/R/subnetworks/S)")
+        for tag in tags:
+            if not _TAG.match(tag):
+                raise LauncherError(f"--tag {tag!r}: expected lowercase letters, digits and '-', starting with a letter")
+        if service_account is not None and not _EMAIL.match(service_account):
+            raise LauncherError(f"--service-account {service_account!r}: expected an email such as "
+                                "trainer@PROJECT.iam.gserviceaccount.com")
+        for scope in scopes:
+            if not _SCOPE.match(scope):
+                raise LauncherError(f"--scopes {scope!r}: expected an OAuth scope URL such as {DEFAULT_SCOPES[0]}")
+        if scopes and service_account is None:
+            raise LauncherError("--scopes needs --service-account")
+        return cls(network, subnetwork, external_ip, tuple(dict.fromkeys(tags)), service_account,
+                   tuple(scopes) or DEFAULT_SCOPES)
+
+
 @dataclass
 class VmRequest:
-    """What `mllm vm create` asks for, checked before anything is sent."""
+    """What `mllm vm create` asks for, checked before anything is sent; the watch plan keeps its
+    fields, so a VM created again is the same VM (network, identity and OS Login included)."""
 
     name: str
     accelerator_type: str
@@ -342,17 +430,40 @@ class VmRequest:
     queued: bool
     reservation: str | None
     valid_for: datetime.timedelta | None
+    network: str | None = None
+    subnetwork: str | None = None
+    external_ip: bool = True
+    tags: tuple[str, ...] = ()
+    service_account: str | None = None
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
+    os_login: bool = False
+    """Log in as the user's OS Login account (its key imported through the OS Login API) instead
+    of root with a metadata key; off by default (the VM's metadata says enable-oslogin=FALSE)."""
 
     @classmethod
     def checked(cls, name: str | None, accelerator_type: str, version: str, spot: bool, queued: bool,
-                guaranteed: bool, reserved: str | None, valid_for: str | None) -> VmRequest:
+                guaranteed: bool, reserved: str | None, valid_for: str | None, net: Network = Network(),
+                os_login: bool = False) -> VmRequest:
         check_type(accelerator_type)
         if not queued and (guaranteed or reserved or valid_for):
             raise LauncherError("--guaranteed, --reserved and --valid-for need --queued")
         name = check_name(name or f"mllm-{accelerator_type}-{time.strftime('%y%m%d%H%M%S', time.gmtime())}")
         capacity = "reserved" if reserved else "guaranteed" if guaranteed or not spot else "spot"
         return cls(name, accelerator_type, runtime_version(accelerator_type, version), capacity, queued, reserved,
-                   parse_duration(valid_for, "--valid-for") if valid_for else None)
+                   parse_duration(valid_for, "--valid-for") if valid_for else None, net.network, net.subnetwork,
+                   net.external_ip, net.tags, net.service_account, net.scopes, os_login)
+
+    @classmethod
+    def of_node(cls, node: tpu_v2.Node, qr: tpu_v2.QueuedResource | None) -> VmRequest:
+        """The request that makes this node again (what the supervisor records before a preemption)."""
+        capacity = ("reserved" if qr is not None and qr.reservation_name else
+                    "spot" if (qr is not None and "spot" in qr) or node.scheduling_config.spot else "guaranteed")
+        net = node.network_config
+        return cls(node.name.rsplit("/", 1)[-1], node.accelerator_type, node.runtime_version, capacity, qr is not None,
+                   qr.reservation_name if qr is not None and qr.reservation_name else None, None,
+                   net.network or None, net.subnetwork or None, bool(net.enable_external_ips), tuple(node.tags),
+                   node.service_account.email or None, tuple(node.service_account.scope) or DEFAULT_SCOPES,
+                   node.metadata.get(OS_LOGIN_KEY, "").upper() == "TRUE")
 
     def describe(self, zone: str, created: tpu_v2.Node | None) -> str:
         if created is None:
@@ -380,9 +491,15 @@ def queued_node_id(qr: tpu_v2.QueuedResource) -> str:
     return qr.tpu.node_spec[0].node_id if qr.tpu.node_spec else qr.name.rsplit("/", 1)[-1]
 
 
-def wait_queued(z: Zone, name: str, timeout: float, poll: float) -> tpu_v2.Node:
+class StillQueued(LauncherError):
+    """A queued resource that is still waiting (or provisioning) when the wait ran out: it keeps
+    its place in the queue."""
+
+
+def wait_queued(z: Zone, name: str, timeout: float, poll: float, op: operation.Operation | None = None) -> tpu_v2.Node:
     """Watch a queued resource until its node is READY; a dead one (FAILED, SUSPENDED) is
-    deleted (it would only hold quota) and reported with the API's reason."""
+    deleted (it would only hold quota) and reported with the API's reason; a create operation
+    (`op`) that failed is reported at once, in the API's words."""
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -391,6 +508,8 @@ def wait_queued(z: Zone, name: str, timeout: float, poll: float) -> tpu_v2.Node:
         while True:
             elapsed = time.monotonic() - start
             qr = z.find_queued(name)
+            if op is not None and qr is None and _failed(op):
+                raise LauncherError(f"queueing TPU VM {name} in {z.zone} failed: {_failed(op)}")
             state = queued_state(qr) if qr is not None else "CREATING"
             line = f"queued resource {name}: {state} ({elapsed:.0f}s)"
             status.update(line)
@@ -406,15 +525,28 @@ def wait_queued(z: Zone, name: str, timeout: float, poll: float) -> tpu_v2.Node:
                 if node is not None and node.state.name == "READY":
                     return node
             if elapsed > timeout:
-                raise LauncherError(f"queued resource {name} is still {state} after {timeout:.0f}s; it stays queued "
+                raise StillQueued(f"queued resource {name} is still {state} after {timeout:.0f}s; it stays queued "
                                     f"(watch it with `mllm vm list`, remove it with `mllm vm delete {name}`)")
             time.sleep(poll)
+
+
+def _failed(op: operation.Operation) -> str:
+    """Why a finished operation failed ("" while it runs, or when it succeeded)."""
+    with api_errors(f"operation {op.operation.name}"):
+        try:
+            if not op.done(retry=READ_RETRY):
+                return ""
+        except TRANSIENT:
+            return ""
+    if not op.operation.HasField("error"):
+        return ""
+    return f"{code_pb2.Code.Name(op.operation.error.code)}: {op.operation.error.message}"
 
 
 def list_zones(project: str, client: tpu_v2.TpuClient) -> list[str]:
     """Every zone where the Cloud TPU API offers TPUs to this project."""
     with api_errors(f"listing TPU zones of {project}"):
-        resp = client.list_locations(request={"name": f"projects/{project}"})
+        resp = client.list_locations(request={"name": f"projects/{project}"}, retry=READ_RETRY)
     return sorted(loc.location_id for loc in resp.locations)
 
 

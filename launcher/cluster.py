@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from launcher import cloud, jobs, keys, preflight, remote, runs, ssh, state, sync
+from launcher import access, cloud, jobs, preflight, remote, runs, ssh, state, sync
 from launcher.errors import LauncherError
 from mllm_jax import contracts
 
@@ -47,26 +47,29 @@ class Cluster:
     accelerator_type: str | None = None
     """The VM's type (e.g. v6e-8), for preflight; None for this machine."""
     project: str | None = None
+    service_account: str | None = None
+    """The service account the VM runs as (None: the project's default compute account)."""
 
     @classmethod
     def connect(cls, vm: str | None = None, zone: str | None = None, project: str | None = None,
-                worker: str = "all", internal_ip: bool = False, user: str = "root") -> Cluster:
-        """A READY TPU VM's workers (`worker`: all, 0, 1,3), host keys from its guest
-        attributes; `vm`/`zone`/`project` default to the remembered ones."""
+                worker: str = "all", internal_ip: bool = False, user: str | None = None,
+                ssh_proxy: str | None = None) -> Cluster:
+        """A READY TPU VM's workers (`worker`: all, 0, 1,3), reached as `launcher.access` says
+        (the key put in the node's metadata first if it is not there, host keys published or
+        pinned, a proxy if one is set); `vm`/`zone`/`project` default to the remembered ones."""
         z = cloud.Zone.resolve(zone, project)
         name = cloud.check_name(state.resolve("vm", vm, "--vm"))
         node = z.get(name)
         if node.state.name != "READY":
             raise LauncherError(f"TPU VM {name} is {node.state.name}, not READY")
-        host_keys = z.host_keys(name)
-        workers = [ssh.Worker(i, ip, host_keys=host_keys.get(i, {}))
-                   for i, ip in enumerate(cloud.worker_ips(node, internal=internal_ip))]
-        state.remember(vm=name, zone=z.zone, project=z.project)
-        key_file, _ = keys.ensure_key()
-        conns = ssh.Connections(user, key_file, keys.config_dir() / "known_hosts")
-        targets: list[jobs.Target] = [jobs.RemoteTarget(conns, w) for w in ssh.select_workers(workers, worker)]
+        workers = access.workers(z, node, internal_ip)
+        selected = ssh.select_workers(workers, worker)
+        how = access.login(z, node, user, ssh_proxy)
+        state.remember(vm=name, zone=z.zone, project=z.project, ssh_proxy=ssh_proxy)
+        conns = access.connections(node, how)
+        targets: list[jobs.Target] = [jobs.RemoteTarget(conns, w) for w in selected]
         return cls(targets, name, z.zone, workers, cloud.worker_ips(node, internal=True), conns, node.accelerator_type,
-                   z.project)
+                   z.project, node.service_account.email or None)
 
     @classmethod
     def local(cls, root: Path | None = None) -> Cluster:
@@ -195,6 +198,8 @@ class Cluster:
             conns = self.conns
             ssh.fan_out(self.selected, lambda w: remote.refresh(conns, w))
         self._check_same_jax()
+        if bucket:  # worker 0 writes it as the job will, before anything starts (a --local run: this machine)
+            remote.probe_bucket(self.targets[0], bucket, env_file, self.service_account)
         run_id = resumed or contracts.run_id(recipe, sha)
         if bucket:
             overrides = [*overrides, f"train.checkpoint_dir={bucket}/{run_id}/{contracts.CHECKPOINTS_DIR}"]

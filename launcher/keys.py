@@ -46,12 +46,15 @@ def public_key() -> str:
     return public.read_text().strip() if public.exists() else "ssh-ed25519 <the launcher's key, made on first create> mllm"
 
 
-def ssh_argv(w: "ssh.Worker", user: str) -> list[str]:
+def ssh_argv(w: "ssh.Worker", user: str, proxy: str | None = None) -> list[str]:
     """The system ssh's argv for an interactive shell on one worker: our key, and the host key
-    the VM published (or the one pinned on first use), strictly checked."""
+    the VM published (or the one pinned on first use), strictly checked; the proxy as given."""
+    from launcher import ssh
+
     key_file, _ = ensure_key()
-    known = config_dir() / ("known_hosts.published" if w.host_keys else "known_hosts")
-    if w.host_keys:
-        known.write_text("".join(f"{w.host} {t} {k}\n" for t, k in w.host_keys.items()))
+    trusted = w.host_keys or (ssh.pinned(w.pins, w.label) if w.pins else {})
+    known = config_dir() / ("known_hosts.published" if trusted else "known_hosts")
+    if trusted:
+        known.write_text("".join(f"{w.host} {t} {k}\n" for t, k in trusted.items()))
     return ["ssh", "-i", str(key_file), "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "IdentitiesOnly=yes", f"{user}@{w.host}"]
+            "-o", "IdentitiesOnly=yes", *(["-o", f"ProxyCommand={proxy}"] if proxy else []), f"{user}@{w.host}"]

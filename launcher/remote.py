@@ -16,7 +16,7 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dotenv import dotenv_values
 
@@ -25,6 +25,9 @@ from launcher.errors import LauncherError
 from mllm_jax.config import ConfigError
 from mllm_jax.contracts import DEFAULT_VENV, INSTALL_RECORD, PYTHON_RECORD, REMOTE_REPO
 from mllm_jax.config import read_text_file
+
+if TYPE_CHECKING:
+    from launcher import jobs  # jobs imports this module
 
 DISTRIBUTION = "mllm-jax"  # this project on PyPI terms: its requirements are the workers' pins
 
@@ -155,6 +158,62 @@ def installed_version(name: str) -> str | None:
         return md.version(name)
     except md.PackageNotFoundError:
         return None
+
+
+# -- a bucket the job will write -----------------------------------------------------------------
+
+def probe_bucket(t: jobs.Target, bucket: str, env_file: str | None, service_account: str | None) -> None:
+    """Prove that `t` can write `bucket` (gs://B[/PREFIX]) before a job is started there: the
+    trainer's `bucket-probe` runs where and as the job would (its repo, its interpreter, the same
+    env file), so a VM whose service account cannot write the checkpoints is refused in one line
+    now rather than failing after compute. LauncherError when it cannot."""
+    from launcher import jobs  # here, not at import: jobs imports this module
+
+    command = f"cd {t.repo} && {t.python} -m mllm_jax bucket-probe {shlex.quote(bucket)}"
+    if env_file:
+        command += f" --env-file {shlex.quote(env_file)}"
+    code, out = t.sh(command)
+    local = isinstance(t, jobs.LocalTarget)
+    where = "this machine" if local else f"worker {t.index}"
+    answer = _probe_answer(out)
+    if answer is None:
+        tail = _one_line(next((line for line in reversed(out.splitlines()) if line.strip()), "no output"))
+        raise LauncherError(f"--bucket {bucket}: {where} could not check that it can write there "
+                            f"(bucket-probe exited {code}: {tail})")
+    if answer.get("ok") is True:
+        ssh.emit(t.label, f"{bucket} is writable from here (a probe object written, read back and deleted)")
+        return
+    status, error = answer.get("status"), _one_line(str(answer.get("error") or "no reason given"))
+    permission = re.search(r"Permission '([\w.]+)' denied|does not have ([\w.]+) access", error)
+    if isinstance(status, int) and permission:
+        detail = f"{status}: permission {permission.group(1) or permission.group(2)} denied"
+    else:
+        detail = f"{status}: {error}" if isinstance(status, int) else error
+    who = ("with its own credentials" if local
+           else f"as {service_account}" if service_account else "as the VM's default compute service account")
+    hint = ""
+    if status in (401, 403):
+        hint = ("; grant your account roles/storage.objectUser on the bucket" if local else
+                "; grant it roles/storage.objectUser on the bucket, or create the VM with --service-account")
+    raise LauncherError(f"--bucket {bucket}: {where} cannot write it {who} ({detail}){hint}")
+
+
+def _probe_answer(out: str) -> dict | None:
+    """bucket-probe's JSON line in the command's output (other lines, e.g. warnings, ignored)."""
+    for line in reversed(out.splitlines()):
+        try:
+            found = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(found, dict) and "ok" in found:
+            return found
+    return None
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """A worker's text, safe to print as part of one line: control characters replaced, bounded."""
+    text = re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # -- bootstrap ----------------------------------------------------------------------------------

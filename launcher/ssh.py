@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import os
+import re
+import shlex
 import socket
 import threading
 import time
@@ -28,6 +30,9 @@ class Worker:
     port: int = 22
     host_keys: dict[str, str] = field(default_factory=dict)
     """Key type -> base64 key, as the VM published them (guest attributes); empty = unknown."""
+    pins: Path | None = None
+    """With no published keys: the node's pin file, where this worker's key is kept on first use
+    (per node id and worker, not per address); None = the launcher's known_hosts by address."""
 
     @property
     def label(self) -> str:
@@ -52,15 +57,29 @@ def select_workers(workers: list[Worker], spec: str) -> list[Worker]:
 
 
 class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
-    """No published key: remember the first one seen in the launcher's own known_hosts."""
+    """No published key: remember the first one seen, in the worker's pin file (as `wK TYPE
+    KEY`) or, without one, in the launcher's own known_hosts."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, label: str | None = None):
+        self.path, self.label = path, label
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         client.get_host_keys().add(hostname, key.get_name(), key)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        client.save_host_keys(str(self.path))
+        if self.label is None:
+            client.save_host_keys(str(self.path))
+            return
+        with _print_lock, self.path.open("a") as f:
+            f.write(f"{self.label} {key.get_name()} {key.get_base64()}\n")
+
+
+def pinned(path: Path, label: str) -> dict[str, str]:
+    """Key type -> base64 key pinned for one worker (`wK`) in a pin file."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    return {parts[1]: parts[2] for parts in (line.split() for line in lines) if len(parts) == 3 and parts[0] == label}
 
 
 class ConnectionLost(LauncherError):
@@ -96,9 +115,14 @@ class Connections:
     """One SSH connection per worker, opened on first use and reused for the whole command;
     `drop(worker)` forgets a broken one."""
 
-    def __init__(self, user: str, key_file: Path, known_hosts: Path, retries: int = 4, timeout: float = 20):
+    def __init__(self, user: str, key_file: Path, known_hosts: Path, retries: int = 4, timeout: float = 20,
+                 auth_wait: float = 0.0, proxy: str | None = None, refused_hint: str = ""):
+        """`auth_wait`: seconds a refused login is tried again (a key just added to the node's
+        metadata takes the guest agent a while), then one line with `refused_hint`. `proxy`: an
+        OpenSSH-style ProxyCommand (`%h`, `%p`, `%r`) the connection goes through."""
         self.user, self.key_file, self.known_hosts = user, key_file, known_hosts
         self.retries, self.timeout = retries, timeout
+        self.auth_wait, self.proxy, self.refused_hint = auth_wait, proxy, refused_hint
         self._clients: dict[tuple[str, int], paramiko.SSHClient] = {}
         self._lock = threading.Lock()
 
@@ -114,39 +138,62 @@ class Connections:
 
     def _connect(self, w: Worker) -> paramiko.SSHClient:
         name = w.host if w.port == 22 else f"[{w.host}]:{w.port}"
-        delay = 1.0
-        for attempt in range(self.retries + 1):
+        delay, attempt, refused_since = 1.0, 0, None
+        while True:
             client = paramiko.SSHClient()
-            if w.host_keys:  # the VM vouched for its keys: accept exactly those
-                for key_type, b64 in w.host_keys.items():
+            trusted = w.host_keys or (pinned(w.pins, w.label) if w.pins else {})
+            if trusted:  # the VM vouched for these keys (or we pinned them): accept exactly those
+                for key_type, b64 in trusted.items():
                     client.get_host_keys().add(name, key_type, paramiko.PKey.from_type_string(key_type, base64.b64decode(b64)))
                 client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            elif w.pins:
+                client.set_missing_host_key_policy(_TrustOnFirstUse(w.pins, w.label))
             else:
                 if self.known_hosts.exists():
                     client.load_host_keys(str(self.known_hosts))
                 client.set_missing_host_key_policy(_TrustOnFirstUse(self.known_hosts))
             try:
+                sock = paramiko.ProxyCommand(self._proxy_command(w)) if self.proxy else None
                 client.connect(w.host, w.port, username=self.user, key_filename=str(self.key_file),
                                timeout=self.timeout, banner_timeout=self.timeout, auth_timeout=self.timeout,
-                               look_for_keys=False, allow_agent=False)
+                               look_for_keys=False, allow_agent=False, sock=sock)
                 client.get_transport().set_keepalive(KEEPALIVE_SEC)
                 return client
             except paramiko.BadHostKeyException as e:
-                raise LauncherError(
-                    f"worker {w.index} ({w.host}): host key {e.key.get_name()} does not match the "
-                    f"{'key the VM published' if w.host_keys else 'one in ' + str(self.known_hosts)}; refusing to connect"
-                ) from None
+                where = ("key the VM published" if w.host_keys else f"key pinned on first use in {w.pins}" if w.pins
+                         else f"one in {self.known_hosts}")
+                raise LauncherError(f"worker {w.index} ({w.host}): host key {e.key.get_name()} does not match the "
+                                    f"{where}; refusing to connect") from None
+            except paramiko.AuthenticationException as e:
+                client.close()
+                refused_since = refused_since or time.monotonic()
+                waited = time.monotonic() - refused_since
+                if waited >= self.auth_wait:
+                    raise LauncherError(f"worker {w.index} ({w.host}): login as {self.user} refused"
+                                        f"{f' for {waited:.0f}s' if self.auth_wait else ''} ({e})"
+                                        f"{': ' + self.refused_hint if self.refused_hint else ''}") from None
+                time.sleep(min(delay, 10.0, max(0.1, self.auth_wait - waited)))
+                delay *= 2
+                continue
             except paramiko.SSHException as e:
-                if "not found in known_hosts" in str(e) or isinstance(e, paramiko.AuthenticationException):
+                if "not found in known_hosts" in str(e):
                     raise LauncherError(f"worker {w.index} ({w.host}): {e}") from None
                 error: Exception = e
             except OSError as e:
                 error = e
             client.close()
-            if attempt < self.retries:
-                time.sleep(delay)
-                delay *= 2
-        raise ConnectionLost(f"worker {w.index} ({w.host}:{w.port}): cannot connect ({error})")
+            if attempt >= self.retries:
+                raise ConnectionLost(f"worker {w.index} ({w.host}:{w.port}): cannot connect ({error})"
+                                     f"{' through --ssh-proxy' if self.proxy else ''}")
+            attempt += 1
+            time.sleep(delay)
+            delay *= 2
+
+    def _proxy_command(self, w: Worker) -> str:
+        """The ProxyCommand for a worker: `%h`, `%p`, `%r` as OpenSSH expands them (quoted: an
+        address never becomes shell code), `%%` a percent sign."""
+        values = {"h": shlex.quote(w.host), "p": str(w.port), "r": shlex.quote(self.user), "%": "%"}
+        return re.sub(r"%([hpr%])", lambda m: values[m.group(1)], self.proxy or "")
 
     def drop(self, w: Worker, client: paramiko.SSHClient | None = None) -> None:
         """Close and forget the worker's connection (only if it is still `client`, when given),

@@ -1,4 +1,4 @@
-"""Remembered defaults (last VM, zone, project, bucket) in a git-ignored `.mllm/` dir next to the repo,
+"""Remembered defaults (last VM, zone, project, bucket, SSH proxy) in a git-ignored `.mllm/` dir next to the repo,
 so that later commands may omit `--vm/--zone/--project`."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 from launcher.errors import LauncherError
 
 STATE_DIR = Path(".mllm")
-_ENV = {"vm": "MLLM_VM", "zone": "MLLM_ZONE", "project": "MLLM_PROJECT", "bucket": "MLLM_BUCKET"}
+_ENV = {"vm": "MLLM_VM", "zone": "MLLM_ZONE", "project": "MLLM_PROJECT", "bucket": "MLLM_BUCKET",
+        "ssh_proxy": "MLLM_SSH_PROXY"}
 
 
 def _path() -> Path:
@@ -52,7 +53,32 @@ def remember(**values: str | None) -> None:
     state = load()
     state.update({k: v for k, v in values.items() if v})
     ensure_dir()
-    _path().write_text(json.dumps(state, indent=2) + "\n")
+    _write(state)
+
+
+def _write(state: dict) -> None:
+    """Whole or not at all: a kill mid-write keeps the old file."""
+    tmp = _path().with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(_path())
+
+
+CREATED = "created"
+"""The state key listing the VMs this directory's `mllm vm create` made (project/zone/name): the
+only ones a supervisor deletes at the end of a run without being told to."""
+
+
+def mark_created(project: str, zone: str, name: str) -> None:
+    state = load()
+    made = [m for m in state.get(CREATED, []) if isinstance(m, str)]
+    state[CREATED] = [*dict.fromkeys([*made, f"{project}/{zone}/{name}"])][-200:]
+    ensure_dir()
+    _write(state)
+
+
+def created(project: str, zone: str, name: str) -> bool:
+    """Whether `mllm vm create` (from here) made this VM."""
+    return f"{project}/{zone}/{name}" in (load().get(CREATED) or [])
 
 
 def resolve(key: str, given: str | None, flag: str, required: bool = True) -> str | None:

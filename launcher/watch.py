@@ -12,7 +12,12 @@ run index and, through $MLLM_RECOVERIES, run_summary.json) and bounded by `max_r
 
 A job that exits non-zero by itself is a bug, not a preemption: it ends the watch unless
 `restart_on_failure`. When the run ends (or recovery gives up) the VM and its queued resource are
-deleted, unless `keep_vm`: nothing is left holding quota.
+deleted if `mllm` made them (`mllm vm create` from here, or a recreate), so nothing is left
+holding quota; a VM the run only attached to is kept unless `--delete-vm` (`keep_vm` False).
+
+The API and SSH have bad minutes: an error that persists makes the look "unknown" (a line when
+that starts and ends), never the end of the watch; past `api_grace` it counts as unreachable.
+A queued resource still waiting when `create_timeout` runs out keeps its place in the queue.
 
 State lives in `.mllm/watch/<run id>.json` (the plan, rewritten at each change), so a supervisor
 that is killed and started again picks the run up where it was; a lock file makes a second
@@ -32,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from launcher import cloud, keys, remote, runs, ssh, state
+from launcher import access, cloud, keys, remote, runs, ssh, state
 from launcher.errors import LauncherError
 from mllm_jax import contracts
 
@@ -46,7 +51,7 @@ ENDED = ("completed", "failed", "stopped", "gave up")
 """A plan's final statuses: its VM is gone, there is nothing left to watch."""
 EVENTS_KEPT = 200
 KEPT = ("env_src", "vm_request", "bootstrap", "max_recoveries", "restart_on_failure", "keep_vm", "recoveries",
-        "restarts", "events")
+        "restarts", "events", "owned")
 """What a new launch of a watched run (its resume) keeps of the old plan."""
 
 
@@ -77,7 +82,10 @@ class Plan:
     """{"python": PATH} (an existing interpreter) or {"options": InstallOptions fields}."""
     max_recoveries: int = 3
     restart_on_failure: bool = False
-    keep_vm: bool = False
+    keep_vm: bool | None = None
+    """Keep the VM at the end (True), delete it (False), or delete it only if `owned` (None)."""
+    owned: bool = False
+    """`mllm` made this VM (`mllm vm create` from here, or the supervisor's recreate)."""
     recoveries: int = 0
     restarts: int = 0
     status: str = "watching"
@@ -125,12 +133,15 @@ def record_launch(run_id: str, recipe: str, config: str, overrides: list[str], c
     """What `mllm launch` started (and how its workers were bootstrapped), for a later `mllm watch
     RUN`; a plan already there (a resume of a watched run) keeps its counts and choices."""
     old = state.read_json_object(plan_path(run_id))
-    plan = Plan(run_id, recipe, config, list(overrides), commit, vm, zone, project, env_file, bootstrap=bootstrap)
+    plan = Plan(run_id, recipe, config, list(overrides), commit, vm, zone, project, env_file, bootstrap=bootstrap,
+                owned=state.created(project, zone, vm))
     if old:  # keep the counts and options; what was learned about the VM only if it is the same one
         same_vm = (old.get("vm"), old.get("zone"), old.get("project")) == (vm, zone, project)
-        plan = Plan(**{**old, **asdict(plan), **{k: old.get(k) for k in KEPT},
-                       **({} if same_vm else {"vm_request": None, "bootstrap": None}), "status": "launched"})
+        plan = Plan(**{**old, **asdict(plan), **{k: old.get(k) for k in KEPT if k in old},
+                       **({} if same_vm else {"vm_request": None, "bootstrap": None, "owned": plan.owned}),
+                       "status": "launched"})
         plan.bootstrap = bootstrap or plan.bootstrap
+        plan.owned = plan.owned or state.created(project, zone, vm)
     save(plan)
 
 
@@ -194,14 +205,22 @@ def say(plan: Plan, text: str, save_it: bool = True) -> None:
 @dataclass
 class Look:
     kind: str
-    """running | done | failed | stopped | lost | dead | unreachable"""
+    """running | done | failed | stopped | lost | dead | unreachable | unknown (the API failing)"""
     why: str = ""
     code: int = 0
 
 
 def look(z: cloud.Zone, plan: Plan, connect: Callable[[], Any]) -> Look:
     """What the VM and the job are doing now. The API is asked before and again after SSH: a VM
-    being preempted can still answer for a moment, and its dying job then means nothing."""
+    being preempted can still answer for a moment, and its dying job then means nothing. An API
+    that fails even after its retries makes the look "unknown"."""
+    try:
+        return _look(z, plan, connect)
+    except LauncherError as e:
+        return Look("unknown", str(e))
+
+
+def _look(z: cloud.Zone, plan: Plan, connect: Callable[[], Any]) -> Look:
     seen = _look_vm(z, plan)
     if seen is not None:
         return seen
@@ -252,7 +271,8 @@ def _look_job(plan: Plan, connect: Callable[[], Any]) -> Look:
 # -- the loop ------------------------------------------------------------------------------------
 
 ENV_TIMING = {"poll": "MLLM_WATCH_POLL", "unreachable_after": "MLLM_WATCH_UNREACHABLE_AFTER",
-              "backoff": "MLLM_WATCH_BACKOFF"}
+              "backoff": "MLLM_WATCH_BACKOFF", "api_grace": "MLLM_WATCH_API_GRACE",
+              "create_timeout": "MLLM_WATCH_CREATE_TIMEOUT"}
 """Environment variables for `Timing`'s fields, used where no flag sets them (`mllm launch --recover`)."""
 
 
@@ -264,6 +284,9 @@ class Timing:
     backoff: float = 60.0
     """First wait after a failed create (doubling, at most 30 minutes)."""
     create_timeout: float = 3600.0
+    """Seconds one create may take (a queued resource still waiting then keeps its place)."""
+    api_grace: float = 900.0
+    """Seconds the API may keep failing (after its retries) before the VM counts as unreachable."""
 
     @classmethod
     def resolve(cls, **given: float | None) -> "Timing":
@@ -305,8 +328,20 @@ def watch(run_id: str, timing: Timing = Timing()) -> int:
             say(plan, f"note: the job reads {plan.env_file} on the workers, which a VM created again will not have; "
                       "watch with --push-env FILE to push it there again")
         unreachable_since: float | None = None
+        unknown_since: float | None = None
         while True:
             seen = look(z, plan, connect)
+            if seen.kind == "unknown":
+                if unknown_since is None:
+                    say(plan, f"cannot tell how the run is ({seen.why}); still watching")
+                unknown_since = unknown_since or time.monotonic()
+                if time.monotonic() - unknown_since < timing.api_grace:
+                    time.sleep(timing.poll)
+                    continue
+                seen = Look("unreachable", f"the API has failed for {time.monotonic() - unknown_since:.0f}s ({seen.why})")
+            elif unknown_since is not None:
+                say(plan, f"the API answers again after {time.monotonic() - unknown_since:.0f}s")
+                unknown_since = None
             if seen.kind == "unreachable":
                 unreachable_since = unreachable_since or time.monotonic()
                 if time.monotonic() - unreachable_since < timing.unreachable_after:
@@ -347,6 +382,9 @@ def watch(run_id: str, timing: Timing = Timing()) -> int:
             except (LauncherError, ssh.ConnectionLost, *ssh.TRANSPORT_ERRORS) as e:
                 say(plan, f"recovery {plan.recoveries + plan.restarts} failed: {e}")  # the next look decides
                 time.sleep(timing.poll)
+            except Exception as e:  # noqa: BLE001 - a supervisor that dies leaves a spot run unsupervised
+                say(plan, f"recovery {plan.recoveries + plan.restarts} failed unexpectedly: {type(e).__name__}: {e}")
+                time.sleep(timing.poll)
     finally:
         lock.release()
 
@@ -358,13 +396,7 @@ def _complete(plan: Plan, z: cloud.Zone, connect: Callable[[], Any]) -> None:
         if node is None:
             raise LauncherError(f"TPU VM {plan.vm} is gone: the supervisor must first see it to learn how to "
                                 "create it again")
-        qr = z.find_queued(plan.vm)
-        capacity = ("reserved" if qr is not None and qr.reservation_name else
-                    "spot" if (qr is not None and "spot" in qr) or node.scheduling_config.spot else
-                    "guaranteed")
-        plan.vm_request = {"name": plan.vm, "accelerator_type": node.accelerator_type,
-                           "version": node.runtime_version, "capacity": capacity, "queued": qr is not None,
-                           "reservation": qr.reservation_name if qr is not None and qr.reservation_name else None}
+        plan.vm_request = {**asdict(cloud.VmRequest.of_node(node, z.find_queued(plan.vm))), "valid_for": None}
         save(plan)
     if plan.bootstrap is None:
         with connect() as c:
@@ -374,33 +406,52 @@ def _complete(plan: Plan, z: cloud.Zone, connect: Callable[[], Any]) -> None:
 
 def _recreate(plan: Plan, z: cloud.Zone, timing: Timing) -> None:
     """Delete what is left of the VM, then create it again with the same spec; capacity errors
-    back off and try again (CREATE_ATTEMPTS in all)."""
+    back off and try again (CREATE_ATTEMPTS in all). A queued resource of ours still in the queue
+    is waited for, never deleted and queued again: that would lose its place."""
     req = cloud.VmRequest(**{**plan.vm_request, "valid_for": None})
-    delay = timing.backoff
-    for attempt in range(1, CREATE_ATTEMPTS + 1):
-        _delete(plan, z, timing)
-        say(plan, f"creating {plan.vm} again ({req.accelerator_type}, {req.capacity}"
-                  f"{', queued' if req.queued else ''}), attempt {attempt}")
+    delay, attempt = timing.backoff, 0
+    while True:
+        qr = z.find_queued(plan.vm) if req.queued else None
         try:
-            z.create_vm(req, keys.ensure_key()[1], timing.create_timeout, poll=min(timing.poll, 10.0))
+            if qr is not None and cloud.queued_state(qr) in cloud.WAITING_QUEUED_STATES:
+                cloud.wait_queued(z, plan.vm, timing.create_timeout, poll=min(timing.poll, 10.0))
+            else:
+                _delete(plan, z, timing)
+                attempt += 1
+                say(plan, f"creating {plan.vm} again ({req.accelerator_type}, {req.capacity}"
+                          f"{', queued' if req.queued else ''}), attempt {attempt}")
+                z.create_vm(req, keys.ensure_key()[1], timing.create_timeout, poll=min(timing.poll, 10.0),
+                            on_accepted=lambda: _owned(plan))
+            plan.owned = True
             say(plan, f"{plan.vm} is READY")
             return
+        except cloud.StillQueued as e:
+            say(plan, f"{e}: keeping its place in the queue")
         except LauncherError as e:
             say(plan, f"create failed: {e}")
-            if attempt == CREATE_ATTEMPTS:
+            if attempt >= CREATE_ATTEMPTS:
                 _delete(plan, z, timing)
                 raise
             time.sleep(delay)
             delay = min(2 * delay, 1800.0)
 
 
+def _owned(plan: Plan) -> None:
+    """The supervisor made this VM: it deletes it at the end."""
+    plan.owned = True
+    save(plan)
+
+
 def _delete(plan: Plan, z: cloud.Zone, timing: Timing) -> None:
     try:
+        node = z.find(plan.vm)
         d = cloud.deletion(z, plan.vm)
     except LauncherError:  # neither a node nor a queued resource: nothing to delete
         return
     say(plan, f"deleting {d.what}")
     d.run(timing.create_timeout)
+    if node is not None:
+        access.forget_pins(node)  # a node created again is a new machine
 
 
 def _relaunch(plan: Plan, connect: Callable[[], Any]) -> None:
@@ -439,8 +490,11 @@ def _finish(plan: Plan, z: cloud.Zone, connect: Callable[[], Any], status: str, 
             say(plan, f"could not fetch the summary: {e}")
     runs.mark(plan.run, vm=plan.vm, zone=plan.zone, recipe=plan.recipe, commit=plan.commit,
               recoveries=plan.recoveries, **({} if status == "completed" else {"status": status}))
-    if not plan.keep_vm:
+    if plan.keep_vm is False or (plan.keep_vm is None and plan.owned):
         _delete(plan, z, timing)
+    else:
+        say(plan, f"keeping {plan.vm}: " + ("--keep-vm" if plan.keep_vm else
+                                            "the run only attached to it (`--delete-vm` deletes it)"), save_it=False)
     plan.status = status
     say(plan, f"{plan.run} {status} after {plan.recoveries} recoveries"
               f"{f' and {plan.restarts} restarts' if plan.restarts else ''}")

@@ -74,6 +74,19 @@ PYTHON_RECORD = "~/.mllm/python"
 DEFAULT_VENV = "/root/mllm-venv"
 INSTALL_RECORD = "mllm-install.json"
 """In the venv: what `mllm bootstrap` installed there."""
+BUCKET_PROBE_PREFIX = ".mllm-probe-"
+"""`python -m mllm_jax bucket-probe gs://B/P` writes, reads back and deletes B/P/.mllm-probe-<random>
+(`mllm launch --bucket` runs it on worker 0 first); its answer is one JSON line, `BucketProbe`."""
+BUCKET_PROBE_TIMEOUT_SEC = 60
+"""The probe gives up (status null) after this long, e.g. when GCS cannot be reached."""
+
+
+class BucketProbe(TypedDict):
+    ok: bool
+    status: int | None
+    """The HTTP status of the failed call (403: no permission, 404: no such bucket); null when none."""
+    error: str
+    """What failed, GCS's own message included ("" when ok)."""
 
 # -- exit codes of `python -m mllm_jax train` ------------------------------------------------------
 EXIT_OK = 0

@@ -122,7 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                                         "--env-file; `mllm exec --env-file` uses it: the file is never run as shell)")
     e.add_argument("env_file")
     e.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+    b = sub.add_parser("bucket-probe", help="write, read back and delete a small object under gs://BUCKET[/PREFIX] "
+                                            "with the trainer's credentials; one JSON line {ok, status, error}")
+    b.add_argument("url", metavar="gs://BUCKET[/PREFIX]")
+    b.add_argument("--env-file", help="KEY=VALUE file to load first, as train's (default: ./.env if present)")
     args = parser.parse_args(argv)
+    if args.command == "bucket-probe":
+        from mllm_jax import bucket_probe
+
+        return run_cli(lambda: bucket_probe.main(args.url, args.env_file))
     if args.command == "env-exec":
         return run_cli(lambda: env_exec(args.env_file, args.argv))
     if args.command == "preflight":

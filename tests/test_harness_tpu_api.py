@@ -465,3 +465,23 @@ def test_enum_numbers_match_the_protos(api: FakeTpuApi) -> None:
     assert requests.get(url, timeout=10).json()["state"] == {"state": "WAITING_FOR_RESOURCES"}
     as_int = requests.get(url, params={"$alt": "json;enum-encoding=int"}, timeout=10).json()["state"]
     assert as_int == {"state": tpu_v2.QueuedResourceState.State.WAITING_FOR_RESOURCES.value}
+
+
+def test_offers_and_project_metadata(api: FakeTpuApi) -> None:
+    """What a zone offers, through the real client; the Compute Engine project's metadata, as
+    launcher.compute reads it."""
+    import requests
+
+    client = api.client()
+    assert "v6e-8" in [t.type_ for t in client.list_accelerator_types(parent=PARENT)]
+    api.offer("us-east1-d", types=["v5litepod-8"])
+    listed = list(client.list_accelerator_types(parent=PARENT))
+    assert [(t.name, t.type_) for t in listed] == [(f"{PARENT}/acceleratorTypes/v5litepod-8", "v5litepod-8")]
+    assert "v6e-ubuntu-2404" in [v.version for v in client.list_runtime_versions(parent=PARENT)]
+    other = "projects/test-proj/locations/us-central1-a"
+    assert "v6e-8" in [t.type_ for t in client.list_accelerator_types(parent=other)]
+    url = f"{api.endpoint}/compute/v1/projects/test-proj"
+    assert "items" not in requests.get(url, timeout=10).json()["commonInstanceMetadata"]
+    api.set_project_metadata("test-proj", "enable-oslogin", "TRUE")
+    assert requests.get(url, timeout=10).json()["commonInstanceMetadata"]["items"] == [
+        {"key": "enable-oslogin", "value": "TRUE"}]

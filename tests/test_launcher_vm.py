@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 
 import pytest
 
@@ -187,6 +188,60 @@ def test_dry_run_sends_nothing(tmp_path):
         assert dry.returncode == 0 and dry.stdout.strip() == f"DELETE {base}/nodes/real"
         assert all(r.method == "GET" for r in api.requests[before:]) and api.node("real")["state"] == "READY"
         assert not any(r.method in ("POST", "DELETE") and "/dq" in r.path + str(r.query) for r in api.requests)
+
+
+def test_dry_run_prints_network_identity_and_os_login(tmp_path):
+    """What a managed project needs goes into the request: its VPC, internal IPs only, firewall
+    tags, the VM's service account and scopes; OS Login is off for the VM (root's metadata key
+    must work where the project turns OS Login on) unless --os-login."""
+    with FakeTpuApi(op_delay=0.1) as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        out = mllm("vm", "create", "net", "--zone", "us-east1-d", "--dry-run", "--network", "corp-vpc",
+                   "--subnetwork", "projects/host-proj/regions/us-east1/subnetworks/tpu", "--no-external-ip",
+                   "--tag", "mllm-ssh", "--tag", "allow-gloo", "--service-account", "trainer@p-123.iam.gserviceaccount.com",
+                   "--scopes", "https://www.googleapis.com/auth/devstorage.read_write,https://www.googleapis.com/auth/logging.write",
+                   cwd=tmp_path, env=env)
+        assert out.returncode == 0, out.stderr
+        node = json.loads(out.stdout.split("\n", 1)[1])
+        assert node["networkConfig"] == {"network": "corp-vpc",
+                                         "subnetwork": "projects/host-proj/regions/us-east1/subnetworks/tpu"}
+        assert node["tags"] == ["mllm-ssh", "allow-gloo"]
+        assert node["serviceAccount"] == {"email": "trainer@p-123.iam.gserviceaccount.com", "scope": [
+            "https://www.googleapis.com/auth/devstorage.read_write", "https://www.googleapis.com/auth/logging.write"]}
+        assert node["metadata"]["enable-oslogin"] == "FALSE" and node["metadata"]["ssh-keys"].startswith("root:ssh-ed25519 ")
+        queued = mllm("vm", "create", "osl", "--zone", "us-east1-d", "--dry-run", "--queued", "--os-login",
+                      "--service-account", "t@p-123.iam.gserviceaccount.com", cwd=tmp_path, env=env)
+        spec = json.loads(queued.stdout.split("\n", 1)[1])["tpu"]["nodeSpec"][0]["node"]
+        assert spec["metadata"] == {"enable-oslogin": "TRUE"} and spec["networkConfig"] == {"enableExternalIps": True}
+        assert spec["serviceAccount"]["scope"] == ["https://www.googleapis.com/auth/cloud-platform"]
+        for args, message in ((("--tag", "Bad_Tag"), "--tag 'Bad_Tag'"), (("--scopes", "x"), "--scopes 'x'"),
+                              (("--service-account", "nobody"), "--service-account 'nobody'"),
+                              (("--network", "a b"), "--network 'a b'")):
+            bad = mllm("vm", "create", "x", "--zone", "us-east1-d", "--dry-run", *args, cwd=tmp_path, env=env)
+            assert bad.returncode == 2 and bad.stderr.startswith(f"error: {message}") and not bad.stdout, bad.stderr
+        assert not api.requests
+
+
+def test_three_503s_in_a_row_are_ridden_out_and_a_failed_create_operation_is_one_line(tmp_path):
+    """One bad minute of the API is not fatal: read calls retry 503s; a queued create whose
+    operation the API fails (a type not offered there) is reported at once, not after --timeout."""
+    with FakeTpuApi(op_delay=0.1, qr_wait=0.2) as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        assert mllm("vm", "create", "up", "--zone", "us-east1-d", cwd=tmp_path, env=env).returncode == 0
+        api.fail_next(503, "The service is currently unavailable.", method="GET", times=3)
+        listed = mllm("vm", "list", "--zone", "us-east1-d", "--json", cwd=tmp_path, env=env)
+        assert listed.returncode == 0, listed.stderr
+        assert [r["name"] for r in json.loads(listed.stdout)] == ["up"]
+        assert sum(r.method == "GET" for r in api.requests) >= 4
+        api.fail_next_operation("INVALID_ARGUMENT", "Accelerator type v6e-8 is not available in zone us-east1-d",
+                                verb="create")
+        start = time.monotonic()
+        failed = mllm("vm", "create", "nope", "--zone", "us-east1-d", "--queued", "--poll", "0.2", "--timeout", "300",
+                      cwd=tmp_path, env=env)
+        assert time.monotonic() - start < 30
+        assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1] == (
+            "error: queueing TPU VM nope in us-east1-d failed: INVALID_ARGUMENT: Accelerator type v6e-8 is not "
+            "available in zone us-east1-d"), failed.stderr
 
 
 def test_list_all_zones(tmp_path):

@@ -114,6 +114,9 @@ def test_preempted_vm_is_recreated_and_the_run_resumes_bit_exactly(tmp_path, hos
 
         wait_for("a checkpoint on the bucket", lambda: bucket_checkpoints(gcs, run_id))
         assert len(api.nodes) == 1
+        # One bad minute of the API: three 503s in a row are ridden out, not the end of the supervision.
+        api.fail_next(503, "The service is currently unavailable.", method="GET", times=3)
+        wait_for("the supervisor to meet the 503s", lambda: not api.pending_failures, 30)
         tpu.preempt("pair")
         wait_for("the supervisor to finish", lambda: not alive(pid), 300)
         log = (repo / ".mllm" / "watch" / f"{run_id}.log").read_text()
@@ -137,11 +140,12 @@ def test_suspended_queued_resource_is_recreated_and_the_run_completes_bit_exactl
                                                                                   reference):
     """Through a queued resource, on a directory every host shares: a job killed on a live VM
     (status lost) is resumed in place; one that dies by itself only with --restart-on-failure;
-    the suspended queued resource is created again after a stockout, and the run completes with
-    the uninterrupted run's losses; its VM and queued resource are deleted."""
+    the suspended queued resource is queued again, waits past the create timeout keeping its
+    place, meets a stockout and is created again; the run completes with the uninterrupted run's
+    losses; its VM and queued resource are deleted."""
     tpu = Slice(hosts)
     with tpu.api as api:
-        env = launcher_env(tmp_path, api.endpoint)
+        env = launcher_env(tmp_path, api.endpoint, MLLM_WATCH_CREATE_TIMEOUT="2")
         run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
         created = run("vm", "create", "q", "--queued", "--spot", "--zone", ZONE, "--type", "v6e-16", "--poll", "0.2")
         assert created.returncode == 0, created.stderr
@@ -173,9 +177,17 @@ def test_suspended_queued_resource_is_recreated_and_the_run_completes_bit_exactl
         wait_for("the restarted job", lambda: resumed(2), 120)
         assert "the job exited 137 on w" in log.read_text() and ": recovery 2/5" in log.read_text()
 
-        # A preemption through the queued resource, and no capacity at the first try to recreate it.
+        # A preemption through the queued resource; queued again, it waits past the create timeout
+        # (and keeps its place: no second request), then meets a stockout, and is queued once more.
         api.fail_next_queued_resource()
+        api.hold_queued("q")
+        posts = lambda: sum(r.method == "POST" and r.path.endswith("/queuedResources") for r in api.requests)  # noqa: E731
+        before = posts()
         tpu.preempt("q")
+        wait_for("the queued resource to outwait the create timeout", lambda: log.read_text().count(
+            "keeping its place in the queue") >= 2, 120)
+        assert posts() == before + 1 and api.queued_resource("q")["state"]["state"] == "WAITING_FOR_RESOURCES"
+        api.release_queued("q")
         wait_for("the supervisor to finish", lambda: not alive(pid), 300)
         text = log.read_text()
         assert "its queued resource is SUSPEND" in text and "creating q again (v6e-16, spot, queued), attempt 1" in text

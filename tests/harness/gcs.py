@@ -59,7 +59,8 @@ class _Failed(Exception):
 class GcsServer:
     """`with GcsServer() as gcs:` gs://`gcs.bucket` served at `gcs.url`; `gcs.objects(prefix)`
     lists what is stored, `gcs.requests` counts requests by method; `gcs.write_delay` (seconds)
-    holds every write that long before it lands, so that a test can kill a writer mid-save."""
+    holds every write that long before it lands, so that a test can kill a writer mid-save;
+    `gcs.deny_writes()` refuses uploads and deletes with GCS's 403, as for a caller without rights."""
 
     def __init__(self, bucket: str = BUCKET):
         self.bucket = bucket
@@ -69,6 +70,7 @@ class GcsServer:
         self._generation = int(time.time() * 1e6)
         self.requests: dict[str, int] = {}
         self.write_delay = 0.0
+        self._denied: set[str | None] = set()
         self._server = _Server(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -82,6 +84,18 @@ class GcsServer:
                 # gcsfs's zonal/HNS bucket lookup asks the storage-control API, which needs real
                 # credentials: off here (a warning per file otherwise), on by default on a VM.
                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+    def deny_writes(self, identity: str | None = None) -> None:
+        """Refuse uploads and deletes with 403 and Google's error body, as GCS does for a caller
+        without storage.objects.create/delete: from every caller (None), or from the one whose
+        bearer token (Authorization header) is `identity`."""
+        with self._lock:
+            self._denied.add(identity)
+
+    def allow_writes(self) -> None:
+        """Lift every `deny_writes`."""
+        with self._lock:
+            self._denied.clear()
 
     def objects(self, prefix: str = "") -> list[str]:
         with self._lock:
@@ -134,7 +148,11 @@ class GcsServer:
                body: bytes) -> tuple[int, dict[str, str], bytes]:
         self.requests[method] = self.requests.get(method, 0) + 1
         b = re.escape(self.bucket)
-        if re.fullmatch(rf"/upload/storage/v1/b/{b}/o", path):
+        upload = re.fullmatch(rf"/upload/storage/v1/b/{b}/o", path)
+        if upload or (method == "DELETE" and re.fullmatch(rf"/storage/v1/b/{b}/o/.+", path)):
+            if refused := self._refused(headers, "storage.objects.create" if upload else "storage.objects.delete"):
+                return refused
+        if upload:
             return self._upload(method, query, headers, body)
         if m := re.fullmatch(rf"/(download/)?storage/v1/b/{b}/o/(.+)", path):  # download/: gcsfs's reads
             return self._object(method, urllib.parse.unquote(m.group(2)), {**query, **({"alt": "media"} if m.group(1) else {})},
@@ -146,6 +164,19 @@ class GcsServer:
         if path == "/storage/v1/b" and method == "GET":
             return _json(200, {"kind": "storage#buckets", "items": [{"name": self.bucket, "id": self.bucket}]})
         raise _Failed(404 if "/b/" in path else 501, f"{method} {path}: not served here")
+
+    def _refused(self, headers: Any, permission: str) -> tuple[int, dict[str, str], bytes] | None:
+        """GCS's 403 for a denied caller (None when this caller may write)."""
+        auth = headers.get("Authorization") or ""
+        token = auth[len("Bearer "):].strip() if auth.startswith("Bearer ") else None
+        with self._lock:
+            if None not in self._denied and token not in self._denied:
+                return None
+        who = token or "Anonymous caller"
+        message = (f"{who} does not have {permission} access to the Google Cloud Storage object. "
+                   f"Permission '{permission}' denied on resource (or it may not exist).")
+        return _json(403, {"error": {"code": 403, "message": message,
+                                     "errors": [{"message": message, "domain": "global", "reason": "forbidden"}]}})
 
     def _object(self, method: str, name: str, query: dict[str, str], headers: Any) -> tuple[int, dict[str, str], bytes]:
         with self._lock:

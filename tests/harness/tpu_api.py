@@ -23,6 +23,8 @@ Served (JSON names as in the client's protobuf types; anything else gets a Googl
 - `POST   /v2/projects/{p}/locations/{z}/nodes?nodeId=ID`   create -> Operation
 - `GET    /v2/projects/{p}/locations/{z}/nodes`             list -> {"nodes": [...]}
 - `GET    /v2/projects/{p}/locations/{z}/nodes/{id}`        get -> Node
+- `PATCH  /v2/projects/{p}/locations/{z}/nodes/{id}?updateMask=metadata`  update -> Operation (only
+  `metadata` is modelled, as gcloud uses it to add SSH keys; other masks get 400)
 - `DELETE /v2/projects/{p}/locations/{z}/nodes/{id}`        delete -> Operation
 - `POST   /v2/projects/{p}/locations/{z}/nodes/{id}:getGuestAttributes` -> {"guestAttributes": [...]}
 - `POST   /v2/projects/{p}/locations/{z}/queuedResources?queuedResourceId=ID`  create -> Operation
@@ -33,6 +35,12 @@ Served (JSON names as in the client's protobuf types; anything else gets a Googl
 - `GET    /v2/projects/{p}/locations`                       list -> {"locations": [...]} (the `zones` arg)
 - `GET    /v2/projects/{p}/locations/{z}`                   get -> Location
 - `GET    /v2/projects/{p}/locations/{z}/operations/{op}`   poll an Operation
+- `GET    /v2/projects/{p}/locations/{z}/acceleratorTypes`  list -> {"acceleratorTypes": [{"name", "type"}]}
+- `GET    /v2/projects/{p}/locations/{z}/runtimeVersions`   list -> {"runtimeVersions": [{"name", "version"}]}
+  (what a zone offers: the `accelerator_types` / `runtime_versions` args, or `offer(zone, ...)`)
+- `GET    /compute/v1/projects/{p}`   the Compute Engine project -> {"name", "commonInstanceMetadata":
+  {"items": [{"key", "value"}]}} (empty unless `set_project_metadata`; point
+  `MLLM_COMPUTE_API_ENDPOINT` at `endpoint`)
 
 Behaviour worth knowing (the real client and API do the same):
 
@@ -114,6 +122,11 @@ WORKER_PORT = 8470
 # Zones that offer Cloud TPUs, for `list_locations`; any well-formed zone is served regardless.
 DEFAULT_ZONES = ("us-central1-a", "us-central1-b", "us-central2-b", "us-east1-d", "us-east5-b",
                  "us-west4-a", "europe-west4-a", "asia-northeast1-b")
+# What every zone offers unless `offer` says otherwise (list_accelerator_types, list_runtime_versions).
+DEFAULT_ACCELERATOR_TYPES = (*(f"v6e-{n}" for n in (8, 16, 32, 64, 128, 256)),
+                             *(f"v5litepod-{n}" for n in (1, 4, 8, 16, 32, 64, 128, 256)),
+                             *(f"v4-{n}" for n in (8, 16, 32, 64, 128)))
+DEFAULT_RUNTIME_VERSIONS = ("tpu-ubuntu2204-base", "v2-alpha-tpuv5-lite", "v2-alpha-tpuv5", "v6e-ubuntu-2404")
 
 # google.rpc.Code, and the status a Google API puts next to each HTTP error code.
 RPC_CODES = {
@@ -235,7 +248,7 @@ class _Failure:
 @dataclass
 class _Operation:
     name: str
-    verb: str  # "create" | "delete"
+    verb: str  # "create" | "delete" | "update"
     target: str  # the full resource name of the node or queued resource
     due: float  # time.monotonic() at which it completes
     create_time: str
@@ -248,6 +261,7 @@ class _Operation:
     queued: str | None = None  # the QR a node operation works for (provisioning, or a direct node delete)
     prior_queued: dict[str, Any] | None = None  # the QR's `state` before this operation, restored on failure
     force: bool = False  # QR delete: delete the node too
+    patch: dict[str, Any] | None = None  # update: the fields it sets
 
 
 @dataclass
@@ -278,6 +292,9 @@ class FakeTpuApi:
         hosts_for_node: (node id, accelerator type) -> workers (`WorkerHost` dicts) of a new node,
             asked once at create time (for a queued resource: when it starts PROVISIONING); default
             `default_hosts` (one worker at 127.0.0.1).
+        on_update: called with a copy of the node JSON when an update of its metadata completes
+            (with the server's lock held, like `on_create`): how a harness models the guest agent
+            reacting to new `ssh-keys`.
         on_create: called with a copy of the node JSON when a node becomes READY, before its
             create operation reports done (so an sshd harness can install `metadata["ssh-keys"]`
             first), and before a queued resource that made it is ACTIVE. It runs with the server's
@@ -289,21 +306,29 @@ class FakeTpuApi:
         qr_wait: seconds a queued resource is WAITING_FOR_RESOURCES (from when its create operation
             completes) before it starts PROVISIONING; `hold_queued` keeps one waiting indefinitely.
         zones: what `list_locations` returns (each must look like a zone).
+        accelerator_types, runtime_versions: what every zone offers (`offer` changes one zone's).
         host, port: where to listen; port 0 picks a free one.
     """
 
     def __init__(self, hosts_for_node: HostsForNode | None = None, *,
                  on_create: Callable[[dict[str, Any]], None] | None = None,
+                 on_update: Callable[[dict[str, Any]], None] | None = None,
                  op_delay: float = 0.3, qr_wait: float = 0.3, zones: Sequence[str] = DEFAULT_ZONES,
+                 accelerator_types: Sequence[str] = DEFAULT_ACCELERATOR_TYPES,
+                 runtime_versions: Sequence[str] = DEFAULT_RUNTIME_VERSIONS,
                  host: str = "127.0.0.1", port: int = 0) -> None:
         bad = [z for z in zones if not ZONE.match(z)]
         if bad:
             raise ValueError(f"not zones: {bad}")
         self.hosts_for_node: HostsForNode = hosts_for_node or default_hosts
         self.on_create = on_create
+        self.on_update = on_update
         self.op_delay = op_delay
         self.qr_wait = qr_wait
         self.zones = list(zones)
+        self._offers: dict[str | None, tuple[list[str], list[str]]] = {
+            None: (list(accelerator_types), list(runtime_versions))}  # zone (None: any other) -> offer
+        self._project_metadata: dict[str, dict[str, str]] = {}
         self.requests: list[RecordedRequest] = []
         self._listen = (host, port)
         self._lock = threading.RLock()
@@ -471,6 +496,12 @@ class FakeTpuApi:
         with self._lock:
             self._failures.append(_Failure(error, method.upper() if method else None, path, times))
 
+    @property
+    def pending_failures(self) -> int:
+        """How many injected request failures (`fail_next`) have not been served yet."""
+        with self._lock:
+            return sum(f.times for f in self._failures)
+
     def fail_next_operation(self, code: int | str = "RESOURCE_EXHAUSTED",
                             message: str = "There is no more capacity in the zone; try another zone",
                             verb: str | None = None, times: int = 1) -> None:
@@ -509,6 +540,23 @@ class FakeTpuApi:
                 if settled and all(op.done for op in self._ops.values()):
                     break
 
+    def offer(self, zone: str, types: Sequence[str] | None = None, versions: Sequence[str] | None = None) -> None:
+        """What `zone` offers from now on: accelerator types and/or runtime versions (None: as before)."""
+        with self._lock:
+            old_types, old_versions = self._offers.get(zone, self._offers[None])
+            self._offers[zone] = (list(old_types if types is None else types),
+                                  list(old_versions if versions is None else versions))
+
+    def project_metadata(self, project: str) -> dict[str, str]:
+        """The project's Compute Engine common instance metadata (a copy)."""
+        with self._lock:
+            return dict(self._project_metadata.get(project, {}))
+
+    def set_project_metadata(self, project: str, key: str, value: str) -> None:
+        """One item of the project's Compute Engine common instance metadata, e.g. enable-oslogin=TRUE."""
+        with self._lock:
+            self._project_metadata.setdefault(project, {})[key] = value
+
     # -- request handling ------------------------------------------------------------------
 
     _ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
@@ -519,7 +567,7 @@ class FakeTpuApi:
         (re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/nodes/([^/:]+):getGuestAttributes$"),
          {"POST": "_get_guest_attributes"}),
         (re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/nodes/([^/:]+)$"),
-         {"GET": "_get_node", "DELETE": "_delete_node"}),
+         {"GET": "_get_node", "DELETE": "_delete_node", "PATCH": "_update_node"}),
         (re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/queuedResources$"),
          {"GET": "_list_queued", "POST": "_create_queued"}),
         (re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/queuedResources/([^/:]+):reset$"),
@@ -528,6 +576,11 @@ class FakeTpuApi:
          {"GET": "_get_queued", "DELETE": "_delete_queued"}),
         (re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/operations/([^/:]+)$"),
          {"GET": "_get_operation"}),
+        (re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/acceleratorTypes$"),
+         {"GET": "_list_accelerator_types"}),
+        (re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/runtimeVersions$"),
+         {"GET": "_list_runtime_versions"}),
+        (re.compile(r"^/compute/v1/projects/([^/]+)$"), {"GET": "_get_compute_project"}),
     ]
 
     def handle(self, method: str, raw_path: str, raw_body: bytes) -> tuple[int, dict[str, Any]]:
@@ -586,6 +639,21 @@ class FakeTpuApi:
     def _location(project: str, zone: str) -> dict[str, Any]:
         return {"name": f"projects/{project}/locations/{zone}", "locationId": zone}
 
+    def _list_accelerator_types(self, project: str, zone: str, **_: Any) -> dict[str, Any]:
+        types = self._offers.get(zone, self._offers[None])[0]
+        return {"acceleratorTypes": [{"name": f"projects/{project}/locations/{zone}/acceleratorTypes/{t}", "type": t}
+                                     for t in types]}
+
+    def _list_runtime_versions(self, project: str, zone: str, **_: Any) -> dict[str, Any]:
+        versions = self._offers.get(zone, self._offers[None])[1]
+        return {"runtimeVersions": [{"name": f"projects/{project}/locations/{zone}/runtimeVersions/{v}", "version": v}
+                                    for v in versions]}
+
+    def _get_compute_project(self, project: str, **_: Any) -> dict[str, Any]:
+        items = [{"key": k, "value": v} for k, v in self._project_metadata.get(project, {}).items()]
+        return {"kind": "compute#project", "name": project,
+                "commonInstanceMetadata": {"kind": "compute#metadata", **({"items": items} if items else {})}}
+
     def _list_nodes(self, project: str, zone: str, *, int_enums: bool, **_: Any) -> dict[str, Any]:
         parent = f"projects/{project}/locations/{zone}/nodes/"
         return {"nodes": [self._node_out(n, int_enums) for name, n in sorted(self._nodes.items())
@@ -603,6 +671,22 @@ class FakeTpuApi:
             raise ApiError(409, f"Resource '{name}' already exists")
         self._add_node(name, body)
         return self._op_out(self._new_operation("create", name), int_enums)
+
+    def _update_node(self, project: str, zone: str, node_id: str, *, query: dict[str, list[str]], body: dict[str, Any],
+                     int_enums: bool) -> dict[str, Any]:
+        name = self._require(project, zone, node_id)
+        mask = [p for m in query.get("updateMask", []) for p in m.split(",") if p]
+        if mask != ["metadata"]:
+            raise ApiError(400, f"fake TPU API: only updateMask=metadata is modelled, got {mask!r}")
+        if self._nodes[name].get("state") not in ("READY", "STOPPED", "PREEMPTED", "TERMINATED"):
+            raise ApiError(400, f"Node {name} is {self._nodes[name].get('state')}: it cannot be updated now",
+                           "FAILED_PRECONDITION")
+        metadata = body.get("metadata") or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ApiError(400, "Invalid value for field 'node.metadata': expected a map of strings")
+        op = self._new_operation("update", name)
+        op.patch = {"metadata": dict(metadata)}
+        return self._op_out(op, int_enums)
 
     def _delete_node(self, project: str, zone: str, node_id: str, *, int_enums: bool, **_: Any) -> dict[str, Any]:
         name = self._require(project, zone, node_id)
@@ -913,11 +997,17 @@ class FakeTpuApi:
             op.error = op.planned_error
             if op.verb == "create":
                 self._drop(op.target)
-            elif node is not None:
+            elif node is not None and op.verb == "delete":
                 node["state"] = op.prior_state or "READY"
             return
         if op.verb == "delete":
             self._drop(op.target)
+            return
+        if op.verb == "update" and node is not None:
+            node.update(copy.deepcopy(op.patch or {}))
+            if self.on_update is not None:
+                self.on_update(copy.deepcopy(node))
+            op.snapshot = copy.deepcopy(node)
             return
         if node is None:
             op.error = {"code": RPC_CODES["ABORTED"], "message": f"{op.target} was deleted while being created"}
@@ -1018,7 +1108,7 @@ class FakeTpuApi:
             out["error"] = op.error
         elif op.done and op.verb == "create" and "/queuedResources/" in op.target:
             out["response"] = {"@type": QUEUED_RESOURCE_TYPE_URL, **self._queued_out(op.snapshot or {}, int_enums)}
-        elif op.done and op.verb == "create":
+        elif op.done and op.verb in ("create", "update"):
             out["response"] = {"@type": NODE_TYPE_URL, **self._node_out(op.snapshot or {}, int_enums)}
         elif op.done:
             out["response"] = {"@type": EMPTY_TYPE_URL}

@@ -20,12 +20,15 @@ class Slice:
     """`Slice(hosts).api` is a FakeTpuApi (not started) over `hosts`; `api_kwargs` go to it
     (e.g. `qr_wait=1.5`), with operations of 0.1 s by default."""
 
-    def __init__(self, hosts: SshCluster, publish_keys: bool = True, **api_kwargs: Any):
+    def __init__(self, hosts: SshCluster, publish_keys: bool = True, key_delay: float = 0.0, **api_kwargs: Any):
         self.hosts = hosts
         self.publish_keys = publish_keys
+        self.key_delay = key_delay
+        """Seconds between a metadata update and the guest agent writing the keys (Google: several)."""
         self._machines = threading.Lock()
         """Held while a preemption replaces machines: a node created meanwhile waits for the new ones."""
-        self.api = FakeTpuApi(self.hosts_for_node, on_create=self.authorize, **{"op_delay": 0.1, **api_kwargs})
+        self.api = FakeTpuApi(self.hosts_for_node, on_create=self.authorize, on_update=self.metadata_changed,
+                              **{"op_delay": 0.1, **api_kwargs})
 
     def hosts_for_node(self, node_id: str, accelerator_type: str) -> list[dict]:
         count = min(len(self.hosts), max(1, int(accelerator_type.split("-")[1]) // 8))
@@ -35,15 +38,37 @@ class Slice:
 
     def authorize(self, node: dict) -> None:
         """The node's machines boot (hosts a preemption replaced start now), then what the guest
-        agent does: the node's `ssh-keys` metadata into authorized_keys."""
-        user, key = node["metadata"]["ssh-keys"].split(":", 1)
-        assert user == "root"
+        agent does with the node's `ssh-keys` metadata."""
         ips = {ep["ipAddress"] for ep in node["networkEndpoints"]}
         for h in self.hosts:
-            if h.ip in ips:
-                if not h.running:
-                    h.start()
-                h.authorize(key)
+            if h.ip in ips and not h.running:
+                h.start()
+        self._write_keys(node)
+
+    def metadata_changed(self, node: dict) -> None:
+        """The guest agent notices new metadata `key_delay` seconds later (a timer: the API
+        answers at once, as Google's does)."""
+        timer = threading.Timer(self.key_delay, self._write_keys, args=(node,))
+        timer.daemon = True
+        timer.start()
+
+    def _write_keys(self, node: dict) -> None:
+        """root's lines of `ssh-keys` into each worker's authorized_keys, unless OS Login is in
+        force (the node's `enable-oslogin`, else the project's): then the agent ignores them. Other
+        users' lines are accounts this harness does not make."""
+        metadata = node.get("metadata") or {}
+        project = node["name"].split("/")[1]
+        os_login = metadata.get("enable-oslogin", self.api.project_metadata(project).get("enable-oslogin", ""))
+        if os_login.strip().upper() == "TRUE":
+            return
+        ips = {ep["ipAddress"] for ep in node.get("networkEndpoints", [])}
+        for line in (metadata.get("ssh-keys") or "").splitlines():
+            user, _, key = line.partition(":")
+            if user != "root" or not key.strip():
+                continue
+            for h in self.hosts:
+                if h.ip in ips and h.running and key.strip() not in h.authorized_keys_path.read_text():
+                    h.authorize(key.strip())
 
     def preempt(self, name: str, state: str | None = "PREEMPTED") -> None:
         """What a spot preemption does: the node PREEMPTED (its queued resource SUSPENDING, then

@@ -1,0 +1,90 @@
+"""End-to-end: reaching workers of VMs as real projects make them, through the real `mllm` CLI,
+the Cloud TPU API harness and sshd workers: a VM `mllm` did not create (the key added to its
+metadata, arriving seconds later), guest attributes refused (keys pinned on first use, per node),
+project-wide OS Login, the API's bad minutes, and workers reached only through a ProxyCommand."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from google.cloud import tpu_v2
+
+from conftest import launcher_env, mllm
+from harness.tpu_slice import ZONE, Slice
+
+pytestmark = pytest.mark.e2e  # real sshd workers
+
+ALICE = "alice:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFakeFake alice@laptop"
+
+
+def create_by_hand(api, name: str, metadata: dict[str, str]) -> None:
+    """A VM made with gcloud or the console: no key of ours, no label."""
+    node = tpu_v2.Node(accelerator_type="v6e-8", runtime_version="v6e-ubuntu-2404", metadata=metadata,
+                       network_config=tpu_v2.NetworkConfig(enable_external_ips=True))
+    api.client().create_node(parent=f"projects/test-project/locations/{ZONE}", node=node, node_id=name).result(30)
+
+
+def test_a_vm_made_elsewhere_gets_our_key_and_keeps_theirs(tmp_path, hosts):
+    """gcloud's way: UpdateNode appends our key to `ssh-keys` (alice's line stays), then the
+    login is tried again until the guest agent has written it (8 s here)."""
+    tpu = Slice(hosts, key_delay=8.0)
+    with tpu.api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        create_by_hand(api, "theirs", {"ssh-keys": ALICE})
+        start = time.monotonic()
+        out = mllm("exec", "--vm", "theirs", "--zone", ZONE, "--", "echo", "hello from $HOSTNAME", cwd=tmp_path, env=env)
+        assert out.returncode == 0, out.stderr
+        assert "[w0] hello from $HOSTNAME" in out.stdout and time.monotonic() - start >= 8
+        assert out.stderr.count("adding the launcher's SSH key for root to the metadata of theirs") == 1, out.stderr
+        lines = api.node("theirs")["metadata"]["ssh-keys"].splitlines()
+        ours = (tmp_path / "config" / "mllm" / "id_ed25519.pub").read_text().strip()
+        assert lines == [ALICE, f"root:{ours}"]
+        again = mllm("exec", "--", "true", cwd=tmp_path, env=env)  # the key is there now: no update
+        assert again.returncode == 0 and "adding" not in again.stderr
+        assert sum(r.method == "PATCH" for r in api.requests) == 1
+
+
+def test_guest_attributes_refused_pins_keys_per_node_and_503s_are_ridden_out(tmp_path, hosts):
+    """Org policy compute.disableGuestAttributesAccess: one warning, then trust on first use,
+    pinned by node id and worker; three 503s in a row do not fail `exec`."""
+    tpu = Slice(hosts)
+    with tpu.api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        assert mllm("vm", "create", "locked", "--zone", ZONE, cwd=tmp_path, env=env).returncode == 0
+        api.fail_next(403, "Guest attributes are disabled by the organization policy", path=":getGuestAttributes",
+                      times=10)
+        out = mllm("exec", "--", "true", cwd=tmp_path, env=env)
+        assert out.returncode == 0, out.stderr
+        (warning,) = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
+        assert "publishes no host keys" in warning and "first use" in warning
+        (pins,) = (tmp_path / "config" / "mllm" / "pins").iterdir()
+        assert pins.name == api.node("locked")["id"] and pins.read_text().split()[:2] == ["w0", hosts[0].host_key_type]
+        assert pins.read_text().split()[2] == hosts[0].host_key_b64
+
+        api.fail_next(503, "The service is currently unavailable.", method="GET", times=3)
+        again = mllm("exec", "--", "true", cwd=tmp_path, env=env)  # 503s, a 403, then the pinned key
+        assert again.returncode == 0, again.stderr
+        assert api.pending_failures == 8 and again.stderr.count("warning:") == 1
+
+        # A different machine answering at that address for the same node: refused.
+        pins.write_text(f"w0 {hosts[0].host_key_type} {hosts[1].host_key_b64}\n")
+        refused = mllm("exec", "--", "true", cwd=tmp_path, env=env)
+        assert refused.returncode == 2 and "does not match the key pinned on first use" in refused.stderr
+
+
+def test_project_wide_os_login(tmp_path, hosts):
+    """Where the project turns OS Login on, the VM `mllm vm create` made opts out and is reached
+    as root; a VM that has it in force is refused in one line naming OS Login, before any SSH."""
+    tpu = Slice(hosts)
+    with tpu.api as api:
+        api.set_project_metadata("test-project", "enable-oslogin", "TRUE")
+        env = launcher_env(tmp_path, api.endpoint)
+        assert mllm("vm", "create", "ours", "--zone", ZONE, cwd=tmp_path, env=env).returncode == 0
+        out = mllm("exec", "--", "id", "-un", cwd=tmp_path, env=env)
+        assert out.returncode == 0 and "[w0] root" in out.stdout, out.stderr
+        create_by_hand(api, "managed", {})
+        refused = mllm("exec", "--vm", "managed", "--", "true", cwd=tmp_path, env=env)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "OS Login in force" in refused.stderr and "project" in refused.stderr
+        assert not any(r.method == "PATCH" for r in api.requests)
