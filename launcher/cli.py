@@ -284,7 +284,7 @@ def ssh_cmd(vm: Vm = None, zone: Zone = None, project: Project = None,
 @env_app.command("push")
 def env_push(
     src: str = typer.Option(".env", "--src", help="Local env file (KEY=VALUE lines)."),
-    dest: str = typer.Option("/root/.env", "--dest", help="Path of the env file on the workers."),
+    dest: str = typer.Option(contracts.ENV_ON_WORKER, "--dest", help="Path of the env file on the workers (~ = the login user's home)."),
     vm: Vm = None, zone: Zone = None, project: Project = None, worker: Workers = "all",
     internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None,
 ) -> None:
@@ -296,6 +296,7 @@ def env_push(
     remote.normalized_env(Path(src))  # a missing or empty file is an error before connecting
     with _cluster(vm, zone, project, worker, internal_ip, user, ssh_proxy=ssh_proxy) as c:
         names = c.push_env(Path(src), dest)
+        dest = c.worker_path(dest)
     for w in c.selected:
         ssh.emit(w.label, f"{dest} (0600): {', '.join(names)}")
 
@@ -363,7 +364,7 @@ def launch_cmd(
     internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None,
     no_sync: bool = typer.Option(False, "--no-sync", help="Run the code already on the workers."),
     include_dirty: IncludeDirty = False,
-    env_file: Optional[str] = typer.Option(None, "--env-file", help="Env file on the target (default: /root/.env if pushed; local: ./.env)."),
+    env_file: Optional[str] = typer.Option(None, "--env-file", help="Env file on the target (default: ~/.env if pushed; local: ./.env)."),
     follow_logs: bool = typer.Option(False, "--follow", "-f", help="Stream the logs until the job ends; exit with its code."),
     local: Local = False,
     force: bool = typer.Option(False, "--force", help="Stop a job still running there first."),

@@ -152,8 +152,15 @@ TRANSIENT = (gexc.ServiceUnavailable, gexc.TooManyRequests, gexc.DeadlineExceede
              google.auth.exceptions.TransportError)
 """What a bad minute of the API looks like (503, 429, DEADLINE_EXCEEDED, a reset connection, a
 credential refresh that could not reach its server): worth asking again."""
-READ_RETRY = gretry.Retry(predicate=gretry.if_exception_type(*TRANSIENT), initial=0.5, maximum=10.0,
-                          multiplier=2.0, timeout=120.0)
+
+
+def _transient(e: Exception) -> bool:
+    """A bad minute, not a wrong address: Google's front end never refuses a connection, so a
+    refused one (a mistyped endpoint, a proxy that is down) fails at once."""
+    return isinstance(e, TRANSIENT) and "Connection refused" not in str(e)
+
+
+READ_RETRY = gretry.Retry(predicate=_transient, initial=0.5, maximum=10.0, multiplier=2.0, timeout=120.0)
 """Every read call of the API goes through this: the generated client retries nothing by itself."""
 OS_LOGIN_KEY = "enable-oslogin"
 SSH_KEYS = "ssh-keys"

@@ -29,7 +29,6 @@ from launcher import access, cloud, jobs, preflight, remote, runs, ssh, state, s
 from launcher.errors import LauncherError
 from mllm_jax import contracts
 
-ENV_ON_WORKER = "/root/.env"  # where `mllm env push` puts secrets by default
 
 
 @dataclass
@@ -49,6 +48,7 @@ class Cluster:
     project: str | None = None
     service_account: str | None = None
     """The service account the VM runs as (None: the project's default compute account)."""
+    _home: str | None = field(default=None, repr=False)
 
     @classmethod
     def connect(cls, vm: str | None = None, zone: str | None = None, project: str | None = None,
@@ -130,9 +130,23 @@ class Cluster:
         laptop = remote.laptop_versions()
         return laptop, found, remote.mismatches(laptop, found)
 
-    def push_env(self, src: Path, dest: str = ENV_ON_WORKER) -> list[str]:
+    def worker_path(self, path: str) -> str:
+        """A path on the workers with a leading `~/` made absolute with the login user's home
+        (SFTP and the trainer's --env-file expand no `~`); other paths as they are."""
+        if not path.startswith("~/"):
+            return path
+        if self._home is None:
+            code, out = self.targets[0].sh('printf "MLLM_HOME %s\\n" "$HOME"')
+            homes = [line[len("MLLM_HOME "):] for line in out.splitlines() if line.startswith("MLLM_HOME /")]
+            if code or not homes:
+                raise LauncherError(f"{self.targets[0].label}: cannot tell the login user's home ({out.strip()[-200:]})")
+            self._home = homes[0].rstrip("/")
+        return f"{self._home}/{path[2:]}"
+
+    def push_env(self, src: Path, dest: str = contracts.ENV_ON_WORKER) -> list[str]:
         """Copy an env file to the selected workers over SFTP (0600); returns its key names."""
         conns = self._remote("env push")
+        dest = self.worker_path(dest)
         content, names = remote.normalized_env(src)
         ssh.fan_out(self.selected, lambda w: remote.push_env(conns, w, content, dest))
         return names
@@ -193,7 +207,8 @@ class Cluster:
             for t in self.targets:
                 ssh.emit(t.label, f"stopping {run_id}: {jobs.stop(t, run_id)}")
         if env_file is None and not self.is_local:
-            env_file = ENV_ON_WORKER if self.targets[0].sh(f"test -f {ENV_ON_WORKER}")[0] == 0 else None
+            default_env = self.worker_path(contracts.ENV_ON_WORKER)
+            env_file = default_env if self.targets[0].sh(f"test -f {shlex.quote(default_env)}")[0] == 0 else None
         if self.conns is not None:
             conns = self.conns
             ssh.fan_out(self.selected, lambda w: remote.refresh(conns, w))

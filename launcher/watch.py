@@ -458,15 +458,13 @@ def _relaunch(plan: Plan, connect: Callable[[], Any]) -> None:
     """Bring the run back on the VM and `--resume` it: the run's own commit synced (not this
     checkout's HEAD), the workers bootstrapped the way the first VM was, the env file pushed
     again. On a VM that kept its disk each of these finds nothing to do."""
-    from launcher.cluster import ENV_ON_WORKER
-
     with connect() as c:
         c.sync(plan.commit)
         boot = plan.bootstrap or {}
         options = remote.InstallOptions(**boot.get("options", {}))
         c.bootstrap(options, boot.get("python"), sync_first=False)
         if plan.env_src:
-            names = c.push_env(Path(plan.env_src), plan.env_file or ENV_ON_WORKER)
+            names = c.push_env(Path(plan.env_src), plan.env_file or contracts.ENV_ON_WORKER)
             say(plan, f"pushed {plan.env_src} ({len(names)} keys) to the workers")
         elif plan.env_file and c.targets[0].sh(f"test -f {shlex.quote(plan.env_file)}")[0] != 0:
             raise Unrecoverable(f"the job reads {plan.env_file}, which a VM created again does not have, and no "

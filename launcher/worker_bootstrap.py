@@ -186,7 +186,8 @@ def _read_json(path: str) -> dict:
 
 def _run(argv: list[str], cwd: str | None = None) -> None:
     print("+ " + " ".join(argv), flush=True)
-    code = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL).returncode
+    # uv trusts the system's certificate store, as pip does (a TLS-inspecting proxy's CA is there).
+    code = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, env={**os.environ, "UV_NATIVE_TLS": "1"}).returncode
     if code:
         raise SystemExit(f"`{' '.join(argv[:3])} ...` failed (exit {code})")
 

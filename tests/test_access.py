@@ -5,6 +5,7 @@ project-wide OS Login, the API's bad minutes, and workers reached only through a
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -88,3 +89,29 @@ def test_project_wide_os_login(tmp_path, hosts):
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert "OS Login in force" in refused.stderr and "project" in refused.stderr
         assert not any(r.method == "PATCH" for r in api.requests)
+
+
+def test_workers_with_no_route_are_reached_through_the_ssh_proxy(tmp_path, hosts):
+    """`--no-external-ip` workers whose internal address only a bastion resolves: reached through
+    `--ssh-proxy` (OpenSSH's `ssh -W %h:%p bastion`), which is remembered like the zone."""
+    worker, bastion = hosts[0], hosts[1]
+    internal = "tpu-w0.corp.internal"
+    with open(bastion.state_dir / "hosts", "a") as f:  # the bastion's private /etc/hosts
+        f.write(f"{worker.ip} {internal}\n")
+    tpu = Slice(hosts, internal_names={worker.ip: internal})
+    with tpu.api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        created = mllm("vm", "create", "private", "--zone", ZONE, "--no-external-ip", cwd=tmp_path, env=env)
+        assert created.returncode == 0, created.stderr
+        assert "accessConfig" not in api.node("private")["networkEndpoints"][0]
+        with pytest.raises(OSError):
+            socket.getaddrinfo(internal, 22)  # no route from the laptop
+        key = tmp_path / "config" / "mllm" / "id_ed25519"
+        bastion.authorize(key.with_suffix(".pub").read_text().strip())
+        proxy = (f"ssh -i {key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes "
+                 f"-W %h:%p root@{bastion.ip}")
+        out = mllm("exec", "--internal-ip", "--ssh-proxy", proxy, "--", "hostname", cwd=tmp_path, env=env)
+        assert out.returncode == 0, out.stderr
+        assert f"[w0] {worker.hostname}" in out.stdout
+        again = mllm("exec", "--internal-ip", "--", "hostname", cwd=tmp_path, env=env)  # the proxy is remembered
+        assert again.returncode == 0 and f"[w0] {worker.hostname}" in again.stdout, again.stderr

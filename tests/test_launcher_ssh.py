@@ -102,11 +102,11 @@ def test_unpublished_host_key_is_trusted_on_first_use_then_pinned(tmp_path, host
         env = launcher_env(tmp_path, api.endpoint)
         assert mllm("vm", "create", "tofu", "--zone", ZONE, "--type", "v6e-8", cwd=tmp_path, env=env).returncode == 0
         assert mllm("exec", "--", "true", cwd=tmp_path, env=env).returncode == 0
-        known = tmp_path / "config" / "mllm" / "known_hosts"
-        assert known.read_text().split() == [hosts[0].ip, "ssh-ed25519", hosts[0].host_key_b64]
-        known.write_text(f"{hosts[0].ip} ssh-ed25519 {hosts[1].host_key_b64}\n")  # as if the key changed
+        known = tmp_path / "config" / "mllm" / "pins" / api.node("tofu")["id"]  # per node id and worker
+        assert known.read_text().split() == ["w0", "ssh-ed25519", hosts[0].host_key_b64]
+        known.write_text(f"w0 ssh-ed25519 {hosts[1].host_key_b64}\n")  # as if the key changed
         out = mllm("exec", "--", "true", cwd=tmp_path, env=env)
-        assert out.returncode == 2 and "does not match the one in" in out.stderr
+        assert out.returncode == 2 and "does not match the key pinned on first use" in out.stderr
 
 
 def test_interactive_ssh_shell(tmp_path, hosts):

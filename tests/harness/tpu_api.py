@@ -439,7 +439,8 @@ class FakeTpuApi:
 
     def hold_queued(self, name: str) -> None:
         """Keep a queued resource WAITING_FOR_RESOURCES (no capacity) until `release_queued`. `name`
-        (full name or bare id) may name one not created yet: it is held from creation on. Its
+        (full name or bare id) may name one not created yet, or one past waiting (a later one of
+        that name is then queued): the next one created is held from creation on. Its
         `validUntil*` deadline still fails it."""
         with self._lock:
             self._advance()
@@ -448,7 +449,8 @@ class FakeTpuApi:
                 return
             q = self._queued[self._resolve_queued(name)]
             if q.state not in ("ACCEPTED", "WAITING_FOR_RESOURCES"):
-                raise ValueError(f"{q.name} is {q.state}: too late to hold")
+                self._holds.add(name)
+                return
             q.held = True
 
     def release_queued(self, name: str) -> None:

@@ -20,8 +20,12 @@ class Slice:
     """`Slice(hosts).api` is a FakeTpuApi (not started) over `hosts`; `api_kwargs` go to it
     (e.g. `qr_wait=1.5`), with operations of 0.1 s by default."""
 
-    def __init__(self, hosts: SshCluster, publish_keys: bool = True, key_delay: float = 0.0, **api_kwargs: Any):
+    def __init__(self, hosts: SshCluster, publish_keys: bool = True, key_delay: float = 0.0,
+                 internal_names: dict[str, str] | None = None, **api_kwargs: Any):
+        """`internal_names`: host IP -> the internal address the API reports for it (e.g. a name
+        only a bastion's /etc/hosts resolves: a worker with no route from the laptop)."""
         self.hosts = hosts
+        self.internal_names = internal_names or {}
         self.publish_keys = publish_keys
         self.key_delay = key_delay
         """Seconds between a metadata update and the guest agent writing the keys (Google: several)."""
@@ -33,13 +37,14 @@ class Slice:
     def hosts_for_node(self, node_id: str, accelerator_type: str) -> list[dict]:
         count = min(len(self.hosts), max(1, int(accelerator_type.split("-")[1]) // 8))
         with self._machines:
-            return [{"ip": h.ip, "host_keys": {h.host_key_type: h.host_public_key_line} if self.publish_keys else {}}
+            return [{"ip": h.ip, "internal_ip": self.internal_names.get(h.ip, h.ip),
+                     "host_keys": {h.host_key_type: h.host_public_key_line} if self.publish_keys else {}}
                     for h in self.hosts.hosts[:count]]
 
     def authorize(self, node: dict) -> None:
         """The node's machines boot (hosts a preemption replaced start now), then what the guest
         agent does with the node's `ssh-keys` metadata."""
-        ips = {ep["ipAddress"] for ep in node["networkEndpoints"]}
+        ips = self._ips(node)
         for h in self.hosts:
             if h.ip in ips and not h.running:
                 h.start()
@@ -61,7 +66,7 @@ class Slice:
         os_login = metadata.get("enable-oslogin", self.api.project_metadata(project).get("enable-oslogin", ""))
         if os_login.strip().upper() == "TRUE":
             return
-        ips = {ep["ipAddress"] for ep in node.get("networkEndpoints", [])}
+        ips = self._ips(node)
         for line in (metadata.get("ssh-keys") or "").splitlines():
             user, _, key = line.partition(":")
             if user != "root" or not key.strip():
@@ -70,13 +75,18 @@ class Slice:
                 if h.ip in ips and h.running and key.strip() not in h.authorized_keys_path.read_text():
                     h.authorize(key.strip())
 
+    def _ips(self, node: dict) -> set[str]:
+        """The host IPs of a node's workers (its endpoints may name them by internal address)."""
+        names = {name: ip for ip, name in self.internal_names.items()}
+        return {names.get(ep["ipAddress"], ep["ipAddress"]) for ep in node.get("networkEndpoints", [])}
+
     def preempt(self, name: str, state: str | None = "PREEMPTED") -> None:
         """What a spot preemption does: the node PREEMPTED (its queued resource SUSPENDING, then
         SUSPENDED), its workers' machines gone, every process killed at once and their disks
         lost. Fresh hosts (new host keys, empty /root and /tmp) take the same addresses, and
         boot when a node is created on them again. With `state=None` the API goes on saying
         READY, as for a hung machine: only the workers' silence tells."""
-        ips = {ep["ipAddress"] for ep in self.api.node(name)["networkEndpoints"]}
+        ips = self._ips(self.api.node(name))
         if state is not None:
             self.api.set_state(name, state)
         with self._machines:  # a node created again (after the API said PREEMPTED) gets the new machines
