@@ -8,8 +8,9 @@ for connections.
   guest agent writes authorized_keys seconds after the metadata changes, so a refused login is
   tried again with backoff for up to AUTH_WAIT_SEC (gcloud's reason for its own retries).
 - **OS Login.** Where it is in force (the node's `enable-oslogin`, else the project's), the guest
-  agent ignores metadata keys: logging in then needs the OS Login user, which is refused in one
-  line naming the cause and the way out.
+  agent ignores metadata keys: the key is imported into the caller's OS Login profile (the OS
+  Login API, as gcloud does) and the login is as that account's POSIX user; every worker path
+  (repo, venv, `.env`, runs) is under that user's home. Nothing the launcher runs needs root.
 - **The connection.** Direct, to external or internal IPs, or through an OpenSSH-style
   ProxyCommand (`--ssh-proxy "ssh -W %h:%p bastion"`, remembered like the zone).
 - **Host keys.** Those the guest agent publishes (guest attributes); where those are refused,
@@ -19,6 +20,7 @@ for connections.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,11 @@ from launcher import cloud, keys, ssh, state
 from launcher.errors import LauncherError
 
 ROOT = "root"
+ENV_OSLOGIN_ENDPOINT = "MLLM_OSLOGIN_API_ENDPOINT"
+"""Points the OS Login client at another server (REST, anonymous credentials), like
+MLLM_TPU_API_ENDPOINT: the tests' FakeTpuApi serves it."""
+ENV_ACCOUNT = "CLOUDSDK_CORE_ACCOUNT"
+"""gcloud's own setting for the account whose OS Login profile takes the key."""
 AUTH_WAIT_SEC = 90.0
 """How long a refused login is tried again after the key went into the metadata."""
 
@@ -41,6 +48,8 @@ class Login:
     proxy: str | None = None
     key_added: bool = False
     """The key went into the node's metadata just now: the guest agent may not have written it yet."""
+    os_login: str | None = None
+    """The account (email) whose OS Login profile holds the key, where OS Login is in force."""
 
 
 def ssh_keys_with(metadata: str, user: str, public_key: str) -> str | None:
@@ -85,16 +94,75 @@ def ensure_key(z: cloud.Zone, node: tpu_v2.Node, user: str, public_key: str) -> 
 def login(z: cloud.Zone, node: tpu_v2.Node, user: str | None, ssh_proxy: str | None) -> Login:
     """How to log in to this node: the user (root unless given), its key in the node's metadata,
     and the proxy (given, else remembered)."""
-    name = node.name.rsplit("/", 1)[-1]
     proxy = resolve_proxy(ssh_proxy)
-    if os_login_in_force(node, z.project):
-        raise LauncherError(
-            f"TPU VM {name} has OS Login in force (enable-oslogin=TRUE in its {'metadata' if cloud.OS_LOGIN_KEY in node.metadata else 'project'}'s "
-            "metadata): the guest agent ignores metadata SSH keys there, and logging in as an OS Login user is "
-            "not supported yet; create the VM with `mllm vm create` (it sets enable-oslogin=FALSE on the VM)")
-    user = user or ROOT
     _, public_key = keys.ensure_key()
+    if os_login_in_force(node, z.project):
+        email = account()
+        posix = import_key(email, z.project, public_key)
+        if user and user != posix:
+            raise LauncherError(f"--user {user}: OS Login is in force on {node.name.rsplit('/', 1)[-1]}, where "
+                                f"{email} logs in as {posix}; drop --user")
+        return Login(posix, proxy, os_login=email)
+    user = user or ROOT
     return Login(user, proxy, ensure_key(z, node, user, public_key))
+
+
+def account() -> str:
+    """The email of the account whose OS Login profile takes the key: $CLOUDSDK_CORE_ACCOUNT,
+    else the service account of the credentials, else the user's (Google's tokeninfo)."""
+    given = os.environ.get(ENV_ACCOUNT, "").strip()
+    if given:
+        return given
+    if os.environ.get(ENV_OSLOGIN_ENDPOINT):
+        raise LauncherError(f"OS Login: set {ENV_ACCOUNT} to the account whose key to import "
+                            f"({ENV_OSLOGIN_ENDPOINT} uses anonymous credentials)")
+    import google.auth
+    import google.auth.transport.requests
+    import requests
+
+    try:
+        credentials, _ = google.auth.default(scopes=list(cloud.DEFAULT_SCOPES))
+        email = getattr(credentials, "service_account_email", None)
+        if email and "@" in email:
+            return email
+        credentials.refresh(google.auth.transport.requests.Request())
+        info = requests.get("https://oauth2.googleapis.com/tokeninfo", params={"access_token": credentials.token},
+                            timeout=20).json()
+    except Exception as e:  # noqa: BLE001 - any failure here has the same way out
+        raise LauncherError(f"OS Login: cannot tell which account you are ({type(e).__name__}); "
+                            f"set {ENV_ACCOUNT}=you@example.com") from None
+    if "@" not in str(info.get("email", "")):
+        raise LauncherError(f"OS Login: your credentials do not say your email; set {ENV_ACCOUNT}=you@example.com")
+    return str(info["email"])
+
+
+def import_key(email: str, project: str, public_key: str) -> str:
+    """Import the launcher's key into the account's OS Login profile (the OS Login API, REST);
+    the POSIX username to log in as (the account's primary one, for this project if it has one)."""
+    from google.api_core import exceptions as gexc
+    from google.cloud import oslogin_v1
+    from google.cloud.oslogin_v1 import common
+
+    endpoint = os.environ.get(ENV_OSLOGIN_ENDPOINT)
+    with cloud.api_errors(f"importing the SSH key into the OS Login profile of {email}"):
+        if endpoint:
+            from google.auth.credentials import AnonymousCredentials
+
+            client = oslogin_v1.OsLoginServiceClient(transport="rest", credentials=AnonymousCredentials(),
+                                                     client_options={"api_endpoint": endpoint})
+        else:
+            client = oslogin_v1.OsLoginServiceClient(transport="rest")
+        try:
+            resp = client.import_ssh_public_key(parent=f"users/{email}", ssh_public_key=common.SshPublicKey(key=public_key),
+                                                project_id=project, retry=cloud.READ_RETRY)
+        except gexc.NotFound as e:
+            raise LauncherError(f"OS Login: no account {email} ({e.message}); check {ENV_ACCOUNT}") from None
+    accounts = list(resp.login_profile.posix_accounts)
+    ranked = sorted(accounts, key=lambda a: (a.account_id != project, not a.primary))
+    if not ranked or not ranked[0].username:
+        raise LauncherError(f"OS Login: the profile of {email} has no POSIX account; ask an admin for "
+                            "roles/compute.osLogin on the project")
+    return ranked[0].username
 
 
 def resolve_proxy(given: str | None) -> str | None:
@@ -132,9 +200,14 @@ def connections(node: tpu_v2.Node, how: Login) -> ssh.Connections:
     line with the likely cause."""
     key_file, _ = keys.ensure_key()
     name = node.name.rsplit("/", 1)[-1]
-    hint = (f"the key added to {name}'s ssh-keys metadata for {how.user} never reached the worker "
-            "(is OS Login in force there, or does the guest agent not run?)" if how.key_added else
-            f"{name}'s ssh-keys metadata has the launcher's key for {how.user}, but the worker refuses it "
-            "(OS Login in force? a different --user?)")
+    if how.os_login:
+        hint = (f"OS Login refuses {how.os_login} on {name}: it needs roles/compute.osLogin (or osAdminLogin) "
+                "on the project, and the TPU VM's service account roles/iam.serviceAccountUser")
+    elif how.key_added:
+        hint = (f"the key added to {name}'s ssh-keys metadata for {how.user} never reached the worker "
+                "(is OS Login in force there, or does the guest agent not run?)")
+    else:
+        hint = (f"{name}'s ssh-keys metadata has the launcher's key for {how.user}, but the worker refuses it "
+                "(OS Login in force? a different --user?)")
     return ssh.Connections(how.user, key_file, keys.config_dir() / "known_hosts", auth_wait=AUTH_WAIT_SEC,
                            proxy=how.proxy, refused_hint=hint)

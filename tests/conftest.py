@@ -156,12 +156,17 @@ def hosts():
     cluster.stop()
 
 
+ACCOUNT = "tester@example.com"
+"""The account whose OS Login profile the tests' launcher imports its key into."""
+
+
 def launcher_env(tmp_path: Path, endpoint: str, **extra: str) -> dict[str, str]:
     """Environment for `mllm` against a local Cloud TPU API, with its own config dir."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLLM_", "CLOUDSDK_"))}
     # Launches skip preflight (tests/test_preflight.py runs it): compiling each test's config for
     # its TPU type would add minutes and prove nothing more.
-    env.update(MLLM_TPU_API_ENDPOINT=endpoint, MLLM_COMPUTE_API_ENDPOINT=endpoint, MLLM_PROJECT="test-project", XDG_CONFIG_HOME=str(tmp_path / "config"),
+    env.update(MLLM_TPU_API_ENDPOINT=endpoint, MLLM_COMPUTE_API_ENDPOINT=endpoint, MLLM_OSLOGIN_API_ENDPOINT=endpoint,
+               CLOUDSDK_CORE_ACCOUNT=ACCOUNT, MLLM_PROJECT="test-project", XDG_CONFIG_HOME=str(tmp_path / "config"),
                COLUMNS="200", PYTHONUNBUFFERED="1", MLLM_NO_PREFLIGHT="1")
     env.update(extra)
     return env

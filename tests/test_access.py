@@ -11,7 +11,7 @@ import time
 import pytest
 from google.cloud import tpu_v2
 
-from conftest import launcher_env, mllm
+from conftest import ACCOUNT, launcher_env, mllm
 from harness.tpu_slice import ZONE, Slice
 
 pytestmark = pytest.mark.e2e  # real sshd workers
@@ -74,9 +74,11 @@ def test_guest_attributes_refused_pins_keys_per_node_and_503s_are_ridden_out(tmp
         assert refused.returncode == 2 and "does not match the key pinned on first use" in refused.stderr
 
 
-def test_project_wide_os_login(tmp_path, hosts):
+def test_os_login_vms_are_reached_as_the_posix_user(tmp_path, hosts):
     """Where the project turns OS Login on, the VM `mllm vm create` made opts out and is reached
-    as root; a VM that has it in force is refused in one line naming OS Login, before any SSH."""
+    as root; an `--os-login` VM, and one made by hand that inherits the project's setting, are
+    reached as the account's POSIX user once the key is in its OS Login profile (the OS Login
+    API, no metadata key); the worker paths are that user's home."""
     tpu = Slice(hosts)
     with tpu.api as api:
         api.set_project_metadata("test-project", "enable-oslogin", "TRUE")
@@ -84,11 +86,27 @@ def test_project_wide_os_login(tmp_path, hosts):
         assert mllm("vm", "create", "ours", "--zone", ZONE, cwd=tmp_path, env=env).returncode == 0
         out = mllm("exec", "--", "id", "-un", cwd=tmp_path, env=env)
         assert out.returncode == 0 and "[w0] root" in out.stdout, out.stderr
-        create_by_hand(api, "managed", {})
-        refused = mllm("exec", "--vm", "managed", "--", "true", cwd=tmp_path, env=env)
-        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-        assert "OS Login in force" in refused.stderr and "project" in refused.stderr
-        assert not any(r.method == "PATCH" for r in api.requests)
+        assert api.login_profile(ACCOUNT) is None  # root by metadata key: OS Login was not asked
+
+        posix = "tester_example_com"
+        assert mllm("vm", "create", "osl", "--zone", ZONE, "--os-login", cwd=tmp_path, env=env).returncode == 0
+        assert "ssh-keys" not in api.node("osl")["metadata"]
+        who = mllm("exec", "--", "sh", "-c", 'echo "$(id -un) $HOME"', cwd=tmp_path, env=env)
+        assert who.returncode == 0, who.stderr
+        assert f"[w0] {posix} /home/{posix}" in who.stdout
+        ours = (tmp_path / "config" / "mllm" / "id_ed25519.pub").read_text().strip()
+        (profile_key,) = api.login_profile(ACCOUNT)["sshPublicKeys"].values()
+        assert profile_key["key"] == ours
+        (tmp_path / "w.env").write_text("WANDB_API_KEY=secret\n")
+        pushed = mllm("env", "push", "--src", str(tmp_path / "w.env"), cwd=tmp_path, env=env)
+        assert pushed.returncode == 0 and f"[w0] /home/{posix}/.env (0600): WANDB_API_KEY" in pushed.stdout, pushed.stderr
+        refused = mllm("exec", "--user", "root", "--", "true", cwd=tmp_path, env=env)
+        assert refused.returncode == 2 and f"logs in as {posix}; drop --user" in refused.stderr
+
+        create_by_hand(api, "managed", {})  # inherits the project's OS Login
+        managed = mllm("exec", "--vm", "managed", "--", "sh", "-c", "id -un; ls -a ~", cwd=tmp_path, env=env)
+        assert managed.returncode == 0 and f"[w0] {posix}" in managed.stdout and ".env" in managed.stdout, managed.stderr
+        assert not any(r.method == "PATCH" for r in api.requests)  # no metadata key anywhere
 
 
 def test_workers_with_no_route_are_reached_through_the_ssh_proxy(tmp_path, hosts):

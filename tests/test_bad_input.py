@@ -310,7 +310,7 @@ def vm(hosts, tmp_path_factory: pytest.TempPathFactory):
     laptop = tmp_path_factory.mktemp("laptop")
     with Slice(hosts).api as api:
         env = launcher_env(laptop, api.endpoint)
-        created = subprocess.run([MLLM, "vm", "create", "pair", "--zone", ZONE, "--type", "v6e-16"], cwd=laptop,
+        created = subprocess.run([MLLM, "vm", "create", "pair", "--zone", ZONE, "--type", "v4-16"], cwd=laptop,
                                  env=env, capture_output=True, text=True, timeout=120)
         assert created.returncode == 0, created.stderr
         made = subprocess.run([MLLM, "exec", "--worker", "0", "--", "sh", "-c",

@@ -87,11 +87,11 @@ def test_queued_vm_bootstraps_from_pyproject_and_runs_sft(tmp_path, hosts, repo,
         env = launcher_env(tmp_path, api.endpoint)
         run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=600)  # noqa: E731
 
-        created = run("vm", "create", "pair", "--queued", "--spot", "--zone", ZONE, "--type", "v6e-16", "--poll", "0.2")
+        created = run("vm", "create", "pair", "--queued", "--spot", "--zone", ZONE, "--type", "v4-16", "--poll", "0.2")
         assert created.returncode == 0, created.stderr
         seen = [line.split(": ")[1].split()[0] for line in created.stderr.splitlines() if line.startswith("queued resource pair")]
         assert seen[-1] == "ACTIVE" and "WAITING_FOR_RESOURCES" in seen, created.stderr
-        assert "created pair (v6e-16" in created.stdout and "spot" in created.stdout
+        assert "created pair (v4-16" in created.stdout and "spot" in created.stdout
         (qr,) = api.queued_resources.values()
         assert "spot" in qr and api.node("pair")["state"] == "READY"
 
@@ -161,7 +161,7 @@ def test_uv_from_a_wheel_drifted_and_mixed_jax_versions(tmp_path, hosts, repo, u
     with Slice(hosts).api as api:
         env = launcher_env(tmp_path, api.endpoint)
         run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=600)  # noqa: E731
-        assert run("vm", "create", "mixed", "--zone", ZONE, "--type", "v6e-16").returncode == 0
+        assert run("vm", "create", "mixed", "--zone", ZONE, "--type", "v4-16").returncode == 0
         # Every uv that python3 on worker 1 can find (pyenv's python3 puts its own bin/ on PATH).
         find = "python3 -c 'import shutil; print(shutil.which(\"uv\") or \"\")'"
         hide = f'for i in 1 2 3 4 5 6 7 8; do p=$({find}); [ -z "$p" ] && exit 0; mount --bind /dev/null "$p" || exit 1; done; exit 1'

@@ -111,7 +111,7 @@ def test_launch_refuses_a_bucket_worker_0_cannot_write_and_starts_nothing(tmp_pa
     with Slice(hosts).api as api:
         env = launcher_env(tmp_path, api.endpoint)
         run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
-        assert run("vm", "create", "pair", "--zone", ZONE, "--type", "v6e-16").returncode == 0
+        assert run("vm", "create", "pair", "--zone", ZONE, "--type", "v4-16").returncode == 0
         assert run("bootstrap", "--python", sys.executable).returncode == 0
         secrets = tmp_path / "gcs.env"  # the workers' way to the bucket, as a user's .env would hold credentials
         secrets.write_text("".join(f"{k}={v}\n" for k, v in gcs.env.items()))

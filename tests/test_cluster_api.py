@@ -32,7 +32,7 @@ def test_two_worker_run_through_the_python_api(tmp_path, hosts, monkeypatch, cap
             monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
             monkeypatch.chdir(repo)
             z = cloud.Zone("test-project", ZONE, cloud.make_client())
-            req = cloud.VmRequest.checked("api", "v6e-16", "auto", True, False, False, None, None)
+            req = cloud.VmRequest.checked("api", "v4-16", "auto", True, False, False, None, None)
             assert z.create_vm(req, keys.ensure_key()[1], timeout=60, poll=0.1).state.name == "READY"
 
             with Cluster.connect("api", zone=ZONE) as c:

@@ -205,7 +205,7 @@ def test_workers_run_no_user_text_and_never_choose_laptop_paths(tmp_path, hosts,
             ["ssh", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
              "-i", str(tmp_path / "config" / "mllm" / "id_ed25519"), f"root@{hosts.ips[w]}", cmd],
             capture_output=True, text=True)
-        assert run("vm", "create", "a", "--zone", ZONE, "--type", "v6e-16").returncode == 0
+        assert run("vm", "create", "a", "--zone", ZONE, "--type", "v4-16").returncode == 0
         assert run("bootstrap", "--python", sys.executable).returncode == 0
         assert run("sync").returncode == 0
 

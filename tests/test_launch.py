@@ -49,7 +49,7 @@ def test_launch_on_two_workers(tmp_path, hosts, repo, bucket):
         run = lambda *a, **kw: mllm(*a, cwd=repo, env=env, timeout=300, **kw)  # noqa: E731
 
         # Two workers: one process each, joined through worker 0's coordinator.
-        assert run("vm", "create", "pair", "--zone", ZONE, "--type", "v6e-16").returncode == 0
+        assert run("vm", "create", "pair", "--zone", ZONE, "--type", "v4-16").returncode == 0
         assert run("bootstrap", "--python", sys.executable).returncode == 0
         bad = run("sync", "--ref", "main $(touch pwned-badref)")
         assert bad.returncode == 2 and bad.stderr.startswith("error: --ref main $(touch pwned-badref): not a commit")

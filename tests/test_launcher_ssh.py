@@ -24,7 +24,7 @@ def test_two_worker_lifecycle(tmp_path, hosts):
         run = lambda *a: mllm(*a, cwd=tmp_path, env=env)  # noqa: E731
         outputs = []
 
-        created = run("vm", "create", "pair", "--zone", ZONE, "--type", "v6e-16")
+        created = run("vm", "create", "pair", "--zone", ZONE, "--type", "v4-16")
         assert created.returncode == 0, created.stderr
         listed = json.loads(run("vm", "list", "--json").stdout)
         assert [(r["name"], r["workers"], r["ips"]) for r in listed] == [("pair", 2, hosts.ips)]

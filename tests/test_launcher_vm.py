@@ -222,6 +222,38 @@ def test_dry_run_prints_network_identity_and_os_login(tmp_path):
         assert not api.requests
 
 
+def test_the_supervisor_recreates_the_same_network_and_identity(tmp_path):
+    """What `mllm watch` records of a live VM (VmRequest.of_node) makes the same request again."""
+    from launcher import cloud
+
+    with FakeTpuApi(op_delay=0.1) as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        flags = ["--network", "corp-vpc", "--subnetwork", "tpu-sub", "--no-external-ip", "--tag", "ssh",
+                 "--service-account", "t@p-123.iam.gserviceaccount.com", "--os-login", "--on-demand"]
+        assert mllm("vm", "create", "twin", "--zone", "us-east1-d", *flags, cwd=tmp_path, env=env).returncode == 0
+        z = cloud.Zone("test-project", "us-east1-d", api.client())
+        again = cloud.VmRequest.of_node(z.get("twin"), None)
+        first = cloud.VmRequest.checked("twin", "v6e-8", "auto", False, False, False, None, None, cloud.Network.checked(
+            "corp-vpc", "tpu-sub", False, ["ssh"], "t@p-123.iam.gserviceaccount.com"), os_login=True)
+        assert again == first
+        assert cloud.as_json(z.node_spec(again, False, "k")) == cloud.as_json(z.node_spec(first, False, "k"))
+
+
+def test_an_api_that_keeps_failing_makes_the_supervisor_unsure_not_dead(tmp_path):
+    """The supervisor's look at a run whose API refuses (after its retries) is "unknown": the
+    loop waits out MLLM_WATCH_API_GRACE instead of ending the watch or deleting anything."""
+    from launcher import cloud, watch
+
+    with FakeTpuApi(op_delay=0.1) as api:
+        z = cloud.Zone("test-project", "us-east1-d", api.client())
+        plan = watch.Plan("r", "nanogpt", "c.yaml", [], "sha", "gone", "us-east1-d", "test-project")
+        assert watch.look(z, plan, connect=lambda: None).kind == "dead"  # the API says: no such VM
+        api.fail_next(403, "Cloud TPU API has not been used in project test-project", times=2)
+        seen = watch.look(z, plan, connect=lambda: None)
+        assert seen.kind == "unknown" and "permission denied" in seen.why
+        assert watch.Timing.resolve().api_grace == 900.0
+
+
 def test_three_503s_in_a_row_are_ridden_out_and_a_failed_create_operation_is_one_line(tmp_path):
     """One bad minute of the API is not fatal: read calls retry 503s; a queued create whose
     operation the API fails (a type not offered there) is reported at once, not after --timeout."""

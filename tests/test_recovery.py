@@ -93,7 +93,7 @@ def test_preempted_vm_is_recreated_and_the_run_resumes_bit_exactly(tmp_path, hos
     with tpu.api as api:
         env = launcher_env(tmp_path, api.endpoint)
         run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
-        assert run("vm", "create", "pair", "--zone", ZONE, "--type", "v6e-16").returncode == 0
+        assert run("vm", "create", "pair", "--zone", ZONE, "--type", "v4-16").returncode == 0
         assert run("bootstrap", "--python", sys.executable).returncode == 0
         secrets = tmp_path / "gcs.env"  # the workers' way to the bucket, as a user's .env would hold credentials
         secrets.write_text("".join(f"{k}={v}\n" for k, v in gcs.env.items()))
@@ -120,7 +120,7 @@ def test_preempted_vm_is_recreated_and_the_run_resumes_bit_exactly(tmp_path, hos
         tpu.preempt("pair")
         wait_for("the supervisor to finish", lambda: not alive(pid), 300)
         log = (repo / ".mllm" / "watch" / f"{run_id}.log").read_text()
-        assert "the VM is PREEMPTED: recovery 1/3" in log and "creating pair again (v6e-16, spot)" in log, log
+        assert "the VM is PREEMPTED: recovery 1/3" in log and "creating pair again (v4-16, spot)" in log, log
         assert f"resumed {run_id}" in log and f"{run_id} completed after 1 recoveries" in log, log
         assert f"pushed {secrets} (4 keys) to the workers" in log, log
 
@@ -147,7 +147,7 @@ def test_suspended_queued_resource_is_recreated_and_the_run_completes_bit_exactl
     with tpu.api as api:
         env = launcher_env(tmp_path, api.endpoint, MLLM_WATCH_CREATE_TIMEOUT="2")
         run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
-        created = run("vm", "create", "q", "--queued", "--spot", "--zone", ZONE, "--type", "v6e-16", "--poll", "0.2")
+        created = run("vm", "create", "q", "--queued", "--spot", "--zone", ZONE, "--type", "v4-16", "--poll", "0.2")
         assert created.returncode == 0, created.stderr
         assert run("bootstrap", "--python", sys.executable).returncode == 0
         assert run("exec", "--", "rm", "-f", "/root/.env").returncode == 0  # what the supervisor of a test before pushed
@@ -190,7 +190,7 @@ def test_suspended_queued_resource_is_recreated_and_the_run_completes_bit_exactl
         api.release_queued("q")
         wait_for("the supervisor to finish", lambda: not alive(pid), 300)
         text = log.read_text()
-        assert "its queued resource is SUSPEND" in text and "creating q again (v6e-16, spot, queued), attempt 1" in text
+        assert "its queued resource is SUSPEND" in text and "creating q again (v4-16, spot, queued), attempt 1" in text
         assert "create failed: queued resource q in us-east1-d is FAILED" in text and "attempt 2" in text, text
         assert f"{run_id} completed after 2 recoveries and " in text, text
 

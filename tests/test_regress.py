@@ -140,7 +140,7 @@ def test_suite_on_two_workers_reports_versions_the_commit_and_a_crashed_run(tmp_
     with Slice(hosts).api as api:
         env = launcher_env(tmp_path, api.endpoint)
         run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
-        assert run("vm", "create", "pair", "--zone", ZONE, "--type", "v6e-16").returncode == 0
+        assert run("vm", "create", "pair", "--zone", ZONE, "--type", "v4-16").returncode == 0
         assert run("bootstrap", "--python", sys.executable).returncode == 0
         out = run("regress", str(suite))
         assert out.returncode == 1, out.stdout + out.stderr

@@ -54,8 +54,9 @@ sshd's `SetEnv PATH=` puts the directory of that interpreter first; but the logi
 on Debian sources `~/.bashrc` for ssh commands) may change PATH again, so absolute paths are safer.
 
 Each host's files live in `host.state_dir` on the test machine, which the host sees as
-`/run/mllm-sshd` (`REMOTE_STATE_DIR`): `sshd_config`, the host key, `authorized_keys`
-(`AuthorizedKeysFile`; `~/.ssh/authorized_keys` is NOT consulted), `sshd.pid` and `sshd.log`
+`/run/mllm-sshd` (`REMOTE_STATE_DIR`): `sshd_config`, the host key, `authorized_keys.<user>`
+(`AuthorizedKeysFile`; `~/.ssh/authorized_keys` is NOT consulted; root's, plus one per account
+`add_user` made in the host's private /etc/passwd, /etc/group and /home), `sshd.pid` and `sshd.log`
 (sshd's stderr, `-D -e`; read it with `host.log_text()`). stop() deletes the directory.
 
 Requires root with CAP_SYS_ADMIN (mount namespaces, tmpfs and overlay mounts), util-linux `unshare`
@@ -114,6 +115,9 @@ mount -c -t tmpfs -o mode=0755 mllm-vm fs || fail "cannot mount a tmpfs (needs r
   || fail "mkdir in the tmpfs failed"
 mount -c --bind . fs/run/mllm-sshd || fail "cannot bind the state dir"
 mount -c --bind hosts /etc/hosts || fail "cannot bind a private /etc/hosts"
+mount -c --bind passwd /etc/passwd || fail "cannot bind a private /etc/passwd"
+mount -c --bind group /etc/group || fail "cannot bind a private /etc/group"
+mount -c --bind homes /home || fail "cannot bind a private /home"
 cd fs || fail "cannot enter the tmpfs"
 while [ $# -ge 3 ]; do
   if [ -d "$1" ]; then
@@ -247,6 +251,12 @@ class SshHost:
             # The host's name resolves to its address, as on a VM (gloo, used by jax.distributed
             # on CPU, looks its own hostname up to pick the interface it listens on).
             (self._state / "hosts").write_text(Path("/etc/hosts").read_text() + f"{self.ip} {self._hostname}\n")
+            # Accounts other than root (`add_user`, as OS Login's NSS module makes them) live in a
+            # private /etc/passwd, /etc/group and /home; sshd reads each user's keys as that user.
+            for name in ("passwd", "group"):
+                shutil.copy(f"/etc/{name}", self._state / name)
+            (self._state / "homes").mkdir()
+            self._state.chmod(0o711)
         except BaseException:
             self._lease.release()
             if hasattr(self, "_state"):
@@ -306,8 +316,8 @@ class SshHost:
 
     @property
     def authorized_keys_path(self) -> Path:
-        """The host's AuthorizedKeysFile on the test machine (REMOTE_STATE_DIR/authorized_keys inside)."""
-        return self._state / "authorized_keys"
+        """root's AuthorizedKeysFile on the test machine (REMOTE_STATE_DIR/authorized_keys.root inside)."""
+        return self._state / "authorized_keys.root"
 
     @property
     def log_path(self) -> Path:
@@ -319,13 +329,37 @@ class SshHost:
         except FileNotFoundError:
             return ""
 
-    def authorize(self, public_key_line: str) -> None:
-        """Let the holder of this public key log in as root (sshd rereads the file per login)."""
+    def authorize(self, public_key_line: str, user: str = "root") -> None:
+        """Let the holder of this public key log in as `user` (root, or one `add_user` made; sshd
+        rereads the file per login)."""
         line = public_key_line.strip()
         if not line or "\n" in line:
             raise ValueError("authorize() takes exactly one public key line")
-        with self.authorized_keys_path.open("a") as f:
+        path = self._state / f"authorized_keys.{user}"
+        if user != "root" and not path.exists():
+            raise ValueError(f"no user {user!r} on {self!r}: add_user() first")
+        with path.open("a") as f:
             f.write(line + "\n")
+
+    def add_user(self, name: str, uid: int, home: str) -> None:
+        """An account as OS Login's NSS module would make it: a passwd and group entry, a home
+        (`home` under /home, owned by it) and an empty authorized_keys, readable by it only."""
+        if not home.startswith("/home/") or "/" in home[len("/home/"):] or not name.replace("_", "").isalnum():
+            raise ValueError(f"add_user({name!r}, {home!r}): expected a plain name and /home/<dir>")
+        with (self._state / "passwd").open("a") as f:
+            f.write(f"{name}:x:{uid}:{uid}::{home}:/bin/sh\n")
+        with (self._state / "group").open("a") as f:
+            f.write(f"{name}:x:{uid}:\n")
+        path = self._state / "homes" / home[len("/home/"):]
+        path.mkdir(mode=0o700)
+        os.chown(path, uid, uid)
+        keys = self._state / f"authorized_keys.{name}"
+        keys.touch(mode=0o600)
+        os.chown(keys, uid, uid)
+
+    def users(self) -> list[str]:
+        """The accounts `add_user` made."""
+        return sorted(p.name.split(".", 1)[1] for p in self._state.glob("authorized_keys.*") if p.name != "authorized_keys.root")
 
     # --- lifecycle ---
     @property
@@ -380,7 +414,7 @@ class SshHost:
             "AddressFamily inet",
             f"HostKey {REMOTE_STATE_DIR}/ssh_host_ed25519_key",
             f"PidFile {REMOTE_STATE_DIR}/sshd.pid",
-            f"AuthorizedKeysFile {REMOTE_STATE_DIR}/authorized_keys",
+            f"AuthorizedKeysFile {REMOTE_STATE_DIR}/authorized_keys.%u",
             "PermitRootLogin prohibit-password",
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",

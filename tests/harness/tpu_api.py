@@ -38,6 +38,10 @@ Served (JSON names as in the client's protobuf types; anything else gets a Googl
 - `GET    /v2/projects/{p}/locations/{z}/acceleratorTypes`  list -> {"acceleratorTypes": [{"name", "type"}]}
 - `GET    /v2/projects/{p}/locations/{z}/runtimeVersions`   list -> {"runtimeVersions": [{"name", "version"}]}
   (what a zone offers: the `accelerator_types` / `runtime_versions` args, or `offer(zone, ...)`)
+- `POST   /v1/users/{email}:importSshPublicKey?projectId=P`  the OS Login API: the key joins the
+  account's login profile -> {"loginProfile": {"name", "posixAccounts": [...], "sshPublicKeys"}}
+  (a POSIX user per account, named as Google names them: `alice_example_com`; `on_os_login` is
+  told); `GET /v1/users/{email}/loginProfile` reads it (point `MLLM_OSLOGIN_API_ENDPOINT` here)
 - `GET    /compute/v1/projects/{p}`   the Compute Engine project -> {"name", "commonInstanceMetadata":
   {"items": [{"key", "value"}]}} (empty unless `set_project_metadata`; point
   `MLLM_COMPUTE_API_ENDPOINT` at `endpoint`)
@@ -292,6 +296,9 @@ class FakeTpuApi:
         hosts_for_node: (node id, accelerator type) -> workers (`WorkerHost` dicts) of a new node,
             asked once at create time (for a queued resource: when it starts PROVISIONING); default
             `default_hosts` (one worker at 127.0.0.1).
+        on_os_login: called with (posix username, uid, home directory, public key line) when a key
+            is imported through the OS Login API (with the server's lock held): how a harness
+            models OS Login's NSS module and AuthorizedKeysCommand on the workers.
         on_update: called with a copy of the node JSON when an update of its metadata completes
             (with the server's lock held, like `on_create`): how a harness models the guest agent
             reacting to new `ssh-keys`.
@@ -313,6 +320,7 @@ class FakeTpuApi:
     def __init__(self, hosts_for_node: HostsForNode | None = None, *,
                  on_create: Callable[[dict[str, Any]], None] | None = None,
                  on_update: Callable[[dict[str, Any]], None] | None = None,
+                 on_os_login: Callable[[str, int, str, str], None] | None = None,
                  op_delay: float = 0.3, qr_wait: float = 0.3, zones: Sequence[str] = DEFAULT_ZONES,
                  accelerator_types: Sequence[str] = DEFAULT_ACCELERATOR_TYPES,
                  runtime_versions: Sequence[str] = DEFAULT_RUNTIME_VERSIONS,
@@ -323,6 +331,8 @@ class FakeTpuApi:
         self.hosts_for_node: HostsForNode = hosts_for_node or default_hosts
         self.on_create = on_create
         self.on_update = on_update
+        self.on_os_login = on_os_login
+        self._login_profiles: dict[str, dict[str, Any]] = {}  # account email -> LoginProfile JSON
         self.op_delay = op_delay
         self.qr_wait = qr_wait
         self.zones = list(zones)
@@ -583,6 +593,8 @@ class FakeTpuApi:
         (re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/runtimeVersions$"),
          {"GET": "_list_runtime_versions"}),
         (re.compile(r"^/compute/v1/projects/([^/]+)$"), {"GET": "_get_compute_project"}),
+        (re.compile(r"^/v1/users/([^/:]+):importSshPublicKey$"), {"POST": "_import_ssh_public_key"}),
+        (re.compile(r"^/v1/users/([^/:]+)/loginProfile$"), {"GET": "_get_login_profile"}),
     ]
 
     def handle(self, method: str, raw_path: str, raw_body: bytes) -> tuple[int, dict[str, Any]]:
@@ -650,6 +662,41 @@ class FakeTpuApi:
         versions = self._offers.get(zone, self._offers[None])[1]
         return {"runtimeVersions": [{"name": f"projects/{project}/locations/{zone}/runtimeVersions/{v}", "version": v}
                                     for v in versions]}
+
+    def login_profile(self, email: str) -> dict[str, Any] | None:
+        """An account's OS Login profile (a copy), None before any key was imported."""
+        with self._lock:
+            return copy.deepcopy(self._login_profiles.get(email))
+
+    def _import_ssh_public_key(self, email: str, *, query: dict[str, list[str]], body: dict[str, Any],
+                               **_: Any) -> dict[str, Any]:
+        if not re.match(r"^[^@\s]+@[^@\s]+\.[a-z]+$", email):
+            raise ApiError(400, f"Invalid value at 'parent' (users/{email}): expected users/{{email}}")
+        key = str(body.get("key") or "").strip()
+        if len(key.split()) < 2 or not key.startswith("ssh-"):
+            raise ApiError(400, "Invalid value for field 'ssh_public_key.key': not an OpenSSH public key")
+        project = (query.get("projectId") or [""])[0]
+        profile = self._login_profiles.get(email)
+        if profile is None:
+            username = re.sub(r"[^a-z0-9]", "_", email.lower())[:32]
+            uid = 2000 + len(self._login_profiles)
+            profile = {"name": email, "posixAccounts": [{
+                "primary": True, "username": username, "uid": str(uid), "gid": str(uid),
+                "homeDirectory": f"/home/{username}", "shell": "/bin/sh", "accountId": project,
+                "operatingSystemType": "LINUX", "name": f"users/{email}/projects/{project}"}], "sshPublicKeys": {}}
+            self._login_profiles[email] = profile
+        fingerprint = hashlib.sha256(key.split()[1].encode()).hexdigest()
+        profile["sshPublicKeys"][fingerprint] = {"key": key, "fingerprint": fingerprint,
+                                                 "name": f"users/{email}/sshPublicKeys/{fingerprint}"}
+        account = profile["posixAccounts"][0]
+        if self.on_os_login is not None:
+            self.on_os_login(account["username"], int(account["uid"]), account["homeDirectory"], key)
+        return {"loginProfile": copy.deepcopy(profile)}
+
+    def _get_login_profile(self, email: str, **_: Any) -> dict[str, Any]:
+        if email not in self._login_profiles:
+            raise ApiError(404, f"User users/{email} has no login profile")
+        return copy.deepcopy(self._login_profiles[email])
 
     def _get_compute_project(self, project: str, **_: Any) -> dict[str, Any]:
         items = [{"key": k, "value": v} for k, v in self._project_metadata.get(project, {}).items()]

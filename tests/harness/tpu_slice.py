@@ -1,5 +1,6 @@
-"""A TPU slice for end-to-end tests: the local Cloud TPU API (tpu_api.py) whose v6e-N nodes get
-N/8 workers from a pool of real sshd hosts (sshd.py), as a VM's workers would be.
+"""A TPU slice for end-to-end tests: the local Cloud TPU API (tpu_api.py) whose nodes get as many
+workers as the real accelerator type has hosts (v6e-8: 1; v4-16: 2; v6e-16: 4, at 4 chips per host
+above 8 chips: the table preflight compiles for), from a pool of real sshd hosts (sshd.py).
 
 Why here: every SSH end-to-end test needs the same wiring (workers per accelerator type, the
 guest agent's part of putting the node's `ssh-keys` metadata into each worker's authorized_keys).
@@ -7,6 +8,7 @@ guest agent's part of putting the node's `ssh-keys` metadata into each worker's 
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -14,6 +16,14 @@ from harness.sshd import SshCluster, SshHost
 from harness.tpu_api import FakeTpuApi
 
 ZONE = "us-east1-d"
+
+
+def worker_count(accelerator_type: str) -> int:
+    """Hosts of a real slice of this type: its chips over the chips per host (preflight's table)."""
+    from mllm_jax.preflight import TOPOLOGIES
+
+    topology, per_host, _ = TOPOLOGIES[accelerator_type]
+    return max(1, math.prod(int(n) for n in topology.split(":")[1].split("x")) // math.prod(per_host))
 
 
 class Slice:
@@ -31,11 +41,15 @@ class Slice:
         """Seconds between a metadata update and the guest agent writing the keys (Google: several)."""
         self._machines = threading.Lock()
         """Held while a preemption replaces machines: a node created meanwhile waits for the new ones."""
+        self.os_login_keys: dict[str, tuple[int, str, list[str]]] = {}
+        """POSIX username -> (uid, home, keys) imported through the OS Login API."""
         self.api = FakeTpuApi(self.hosts_for_node, on_create=self.authorize, on_update=self.metadata_changed,
-                              **{"op_delay": 0.1, **api_kwargs})
+                              on_os_login=self.os_login_key, **{"op_delay": 0.1, **api_kwargs})
 
     def hosts_for_node(self, node_id: str, accelerator_type: str) -> list[dict]:
-        count = min(len(self.hosts), max(1, int(accelerator_type.split("-")[1]) // 8))
+        count = worker_count(accelerator_type)
+        if count > len(self.hosts):  # the create fails (INTERNAL), naming why
+            raise ValueError(f"{accelerator_type} has {count} workers; this slice has {len(self.hosts)} sshd hosts")
         with self._machines:
             return [{"ip": h.ip, "internal_ip": self.internal_names.get(h.ip, h.ip),
                      "host_keys": {h.host_key_type: h.host_public_key_line} if self.publish_keys else {}}
@@ -62,9 +76,8 @@ class Slice:
         force (the node's `enable-oslogin`, else the project's): then the agent ignores them. Other
         users' lines are accounts this harness does not make."""
         metadata = node.get("metadata") or {}
-        project = node["name"].split("/")[1]
-        os_login = metadata.get("enable-oslogin", self.api.project_metadata(project).get("enable-oslogin", ""))
-        if os_login.strip().upper() == "TRUE":
+        if self._os_login(node):
+            self._os_login_users(node)
             return
         ips = self._ips(node)
         for line in (metadata.get("ssh-keys") or "").splitlines():
@@ -74,6 +87,36 @@ class Slice:
             for h in self.hosts:
                 if h.ip in ips and h.running and key.strip() not in h.authorized_keys_path.read_text():
                     h.authorize(key.strip())
+
+    def os_login_key(self, username: str, uid: int, home: str, key: str) -> None:
+        """A key imported through the OS Login API: on every worker of a node with OS Login in
+        force, the account exists (OS Login's NSS module) and the key logs it in (its
+        AuthorizedKeysCommand), at once."""
+        uid_home_keys = self.os_login_keys.setdefault(username, (uid, home, []))
+        uid_home_keys[2].append(key)
+        for node in self.api.nodes.values():
+            if node.get("state") == "READY" and self._os_login(node):
+                self._os_login_users(node)
+
+    def _os_login(self, node: dict) -> bool:
+        """OS Login in force: the node's `enable-oslogin`, else its project's."""
+        project = node["name"].split("/")[1]
+        value = (node.get("metadata") or {}).get("enable-oslogin",
+                                                  self.api.project_metadata(project).get("enable-oslogin", ""))
+        return value.strip().upper() == "TRUE"
+
+    def _os_login_users(self, node: dict) -> None:
+        ips = self._ips(node)
+        for h in self.hosts:
+            if h.ip not in ips or not h.running:
+                continue
+            for username, (uid, home, keys) in self.os_login_keys.items():
+                if username not in h.users():
+                    h.add_user(username, uid, home)
+                path = h.state_dir / f"authorized_keys.{username}"
+                for key in keys:
+                    if key not in path.read_text():
+                        h.authorize(key, username)
 
     def _ips(self, node: dict) -> set[str]:
         """The host IPs of a node's workers (its endpoints may name them by internal address)."""
