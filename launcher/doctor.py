@@ -138,8 +138,9 @@ def check_runtime_version(z: cloud.Zone, accelerator_type: str, version: str) ->
 
 def check_os_login(project: str) -> Check:
     """Informational: `mllm vm create` opts its VMs out of OS Login (enable-oslogin=FALSE in their
-    metadata), so the project's setting alone stops nobody; an organization policy that enforces
-    OS Login would, and no API shows it to a project member. Hence ! at most, never ✗."""
+    metadata), and where OS Login is in force the launcher logs in as the caller's OS Login user,
+    so the project's setting stops nobody by itself (an IAM role missing for OS Login would, and
+    checking it would mean importing a key: a doctor changes nothing). Hence ! at most, never ✗."""
     try:
         on = compute.os_login_in_force(project)
     except LauncherError as e:
@@ -149,8 +150,8 @@ def check_os_login(project: str) -> Check:
         return Check("OS Login", Mark.OK, f"off for project {project}: the launcher's key logs in as root")
     return Check("OS Login", Mark.WARN, f"on for project {project} ({cloud.OS_LOGIN_KEY}=TRUE)",
                  "VMs `mllm vm create` makes opt out (enable-oslogin=FALSE), so the launcher's key still logs "
-                 "in as root unless your organization enforces OS Login; then pass --os-login to log in as "
-                 "your OS Login user")
+                 "in as root unless your organization enforces OS Login; then pass --os-login: the launcher "
+                 "logs in as your OS Login user, which needs roles/compute.osLogin on the project")
 
 
 def check_ssh_key() -> Check:

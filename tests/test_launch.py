@@ -57,9 +57,11 @@ def test_launch_on_two_workers(tmp_path, hosts, repo, bucket):
         assert synced.returncode == 0, synced.stderr
         assert sorted(line.split()[1] for line in synced.stdout.splitlines()) == [head(repo)[:12]] * 2
         assert synced.stdout.count("(full, ") == 2  # the first sync ships everything
+        api.fail_next(503, "The service is currently unavailable.", method="GET", times=3)  # a bad minute
         two = run("launch", "nanogpt", "--config", WEIRD_CONFIG, "--set", "train.max_steps=20",
                   "--set", f"train.checkpoint_dir={bucket}/ckpt", "--follow")
         assert two.returncode == 0, two.stdout + two.stderr
+        assert api.pending_failures == 0
         assert "[w0] step 20/20" in two.stdout and "[w1] step 20/20" not in two.stdout  # only process 0 logs steps
         status = json.loads(run("status", "--json").stdout)
         assert [(w["worker"], w["state"], w["last_step"]) for w in status["workers"]] == [(0, "exited 0", 20), (1, "exited 0", None)]
