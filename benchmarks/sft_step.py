@@ -32,6 +32,7 @@ GLOBAL_BATCH = 16
 def overrides(model_dir: str) -> list[str]:
     amazon = REPO.parent / "shared" / "data" / "MiniOneRec" / "data" / "Amazon"
     return [f"base_model={model_dir}", "export_hf=false", "data.eval_file=''", "data.max_len=256",
+            "train.load_best_model_at_end=false", "train.early_stopping_patience=0",
             "data.sample_train=256", f"train.global_batch_size={GLOBAL_BATCH}",
             f"train.per_device_train_batch_size={GLOBAL_BATCH}", "train.warmup_steps=0", "train.lr_schedule=constant",
             f"data.train_file={amazon / 'valid' / 'Industrial_and_Scientific_5_2016-10-2018-11.csv'}",

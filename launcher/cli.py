@@ -31,7 +31,9 @@ def run() -> None:
     try:
         app()
     except LauncherError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from launcher.readback import printable
+
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -74,6 +76,8 @@ Local = Annotated[bool, typer.Option("--local", help="This machine instead of a 
 RunId = Annotated[Optional[str], typer.Argument(help="Run id (default: the target's runs/latest).")]
 IncludeDirty = Annotated[bool, typer.Option("--include-dirty", help="Ship a snapshot of uncommitted changes.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+AllowRestart = Annotated[bool, typer.Option("--allow-restart-from-zero", help="Supervise a run whose checkpoints are "
+                         "on the VM's own disk: a recovery then trains from step 0 again.")]
 KeepVm = Annotated[Optional[bool], typer.Option("--keep-vm/--delete-vm", help="When the run ends: keep the VM, or "
                    "delete it and its queued resource (default: delete it only if mllm created it).")]
 
@@ -126,6 +130,10 @@ def vm_create(
     VM), or your OS Login user with --os-login."""
     from launcher import cloud, keys
 
+    if not 0 < timeout < float("inf"):
+        raise LauncherError(f"--timeout {timeout:g}: expected seconds > 0")
+    if not 0 < poll < float("inf"):
+        raise LauncherError(f"--poll {poll:g}: expected seconds > 0")
     net = cloud.Network.checked(network, subnetwork, external_ip, tags, service_account,
                                 [x for s in scopes for x in s.split(",") if x])
     req = cloud.VmRequest.checked(name, accelerator_type, version, spot, queued, guaranteed, reserved, valid_for,
@@ -382,11 +390,18 @@ def launch_cmd(
     restart_on_failure: bool = typer.Option(False, "--restart-on-failure", help="With --recover: resume a job that "
                                                                                 "exited non-zero by itself too."),
     keep_vm: KeepVm = None,
+    allow_restart_from_zero: AllowRestart = False,
 ) -> None:
     """Start `python -m mllm_jax train RECIPE` detached on the workers (one process each); on a VM,
     after preflight says the config fits its chips."""
     if recover and local:
         raise LauncherError("--recover supervises a TPU VM; it does not apply to --local")
+    if resume is not None and not resume.strip():
+        raise LauncherError("--resume '': expected a run id or `latest` (an unset shell variable?)")
+    if follow_logs:
+        from launcher import ssh
+
+        ssh.follow_idle_sec()  # a bad $MLLM_FOLLOW_IDLE_SEC is refused before the job starts
     if recover:
         from launcher import watch
 
@@ -395,7 +410,7 @@ def launch_cmd(
         bucket = state.resolve("bucket", bucket, "--bucket", required=False)
     with _cluster(vm, zone, project, worker, internal_ip, user, local, ssh_proxy) as c:
         run = c.launch(recipe, config, list(overrides), env_file, not no_sync, include_dirty, force, not no_preflight,
-                       resume, bucket)
+                       resume, bucket, durable=recover and not allow_restart_from_zero)
         if bucket:
             state.remember(bucket=bucket)
         where = " --local" if local else ""
@@ -403,12 +418,13 @@ def launch_cmd(
         if follow_logs and not recover:
             raise typer.Exit(run.wait())
     if recover:
-        raise typer.Exit(_watch(run.id, max_recoveries, restart_on_failure, keep_vm, None))
+        raise typer.Exit(_watch(run.id, max_recoveries, restart_on_failure, keep_vm, None,
+                                allow_restart_from_zero=allow_restart_from_zero or None))
 
 
 def _watch(run_id: str, max_recoveries: Optional[int], restart_on_failure: Optional[bool], keep_vm: Optional[bool],
            push_env: Optional[str], poll: Optional[float] = None, unreachable_after: Optional[float] = None,
-           backoff: Optional[float] = None) -> int:
+           backoff: Optional[float] = None, allow_restart_from_zero: Optional[bool] = None) -> int:
     """Update the run's watch plan with the options given, then supervise it here."""
     from pathlib import Path
 
@@ -417,7 +433,7 @@ def _watch(run_id: str, max_recoveries: Optional[int], restart_on_failure: Optio
     timing = watch.Timing.resolve(poll=poll, unreachable_after=unreachable_after, backoff=backoff)
     plan = watch.load(run_id)
     for key, value in (("max_recoveries", max_recoveries), ("restart_on_failure", restart_on_failure),
-                       ("keep_vm", keep_vm)):
+                       ("keep_vm", keep_vm), ("allow_restart_from_zero", allow_restart_from_zero)):
         if value is not None:
             setattr(plan, key, value)
     if push_env is not None:
@@ -439,6 +455,7 @@ def watch_cmd(
     restart_on_failure: Optional[bool] = typer.Option(None, "--restart-on-failure/--no-restart-on-failure",
                                                       help="Also resume a job that exited non-zero by itself."),
     keep_vm: KeepVm = None,
+    allow_restart_from_zero: AllowRestart = False,
     push_env: Optional[str] = typer.Option(None, "--push-env", metavar="FILE", help="Local env file to push again to a recreated VM (as `mllm env push --src`)."),
     detach: bool = typer.Option(False, "--detach", help="Run in the background (its own session; log in .mllm/watch/RUN.log)."),
     poll: Optional[float] = typer.Option(None, "--poll", min=0, help="Seconds between looks at the VM and the job (default 30, or $MLLM_WATCH_POLL)."),
@@ -462,12 +479,15 @@ def watch_cmd(
             argv.append("--restart-on-failure" if restart_on_failure else "--no-restart-on-failure")
         if keep_vm is not None:
             argv.append("--keep-vm" if keep_vm else "--delete-vm")
+        if allow_restart_from_zero:
+            argv.append("--allow-restart-from-zero")
         if push_env is not None:
             argv += ["--push-env", push_env]
         pid = watch.detach(run, argv)
         typer.echo(f"watching {run} in the background (pid {pid}); log: {watch.log_path(run)}; stop it with `kill {pid}`")
         return
-    raise typer.Exit(_watch(run, max_recoveries, restart_on_failure, keep_vm, push_env, poll, unreachable_after, backoff))
+    raise typer.Exit(_watch(run, max_recoveries, restart_on_failure, keep_vm, push_env, poll, unreachable_after, backoff,
+                            allow_restart_from_zero or None))
 
 
 @app.command("regress")
@@ -511,6 +531,7 @@ def regress_cmd(
     s = regress.load_suite(path, root)
     sets = regress.overrides_by_run(s, list(overrides))
     regress.validate(s, sets, root)
+    regress.check_reports_writable()
     if not local:
         sync.resolve_commit(root)  # a dirty tree is refused before any VM is touched
     with _cluster(vm, zone, project, "all", internal_ip, user, local, ssh_proxy) as c:
@@ -559,6 +580,8 @@ def status_cmd(run: RunId = None, local: Local = False, vm: Vm = None, zone: Zon
     with _cluster(vm, zone, project, worker, internal_ip, user, local, ssh_proxy) as c:
         r = c.run(run)
         found = r.status()
+    if all(s.state == "missing" for s in found.values()):
+        raise LauncherError(f"run {r.id}: not there (no runs/{r.id} on {'this machine' if local else 'the workers'})")
     if as_json:
         typer.echo(json.dumps({"run": r.id, "workers": [asdict(s) for s in found.values()]}, indent=2))
         return
@@ -570,10 +593,12 @@ def status_cmd(run: RunId = None, local: Local = False, vm: Vm = None, zone: Zon
 @app.command("logs")
 def logs_cmd(run: RunId = None, local: Local = False, vm: Vm = None, zone: Zone = None, project: Project = None,
              worker: Workers = "all", internal_ip: InternalIp = False, user: User = None, ssh_proxy: SshProxy = None,
-             follow_logs: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")) -> None:
-    """Print the run's logs, `[wK]`-prefixed; -f follows them until the job ends (exit: its code)."""
+             follow_logs: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
+             raw: bool = typer.Option(False, "--raw", help="The log's bytes as they are (terminal escapes included).")) -> None:
+    """Print the run's logs, `[wK]`-prefixed; -f follows them until the job ends (exit: its code).
+    Control characters are shown escaped (\\x1b) unless --raw."""
     with _cluster(vm, zone, project, worker, internal_ip, user, local, ssh_proxy) as c:
-        code = c.run(run).logs(follow=follow_logs)
+        code = c.run(run).logs(follow=follow_logs, raw=raw)
     raise typer.Exit(code or 0)
 
 
@@ -584,10 +609,17 @@ def stop_cmd(run: RunId = None, local: Local = False, vm: Vm = None, zone: Zone 
     """Stop the run on every worker: TERM (the trainer checkpoints), then KILL after --grace."""
     from launcher import ssh
 
+    from launcher import jobs
+
+    if not 0 <= grace < float("inf"):
+        raise LauncherError(f"--grace {grace:g}: expected seconds >= 0")
     with _cluster(vm, zone, project, worker, internal_ip, user, local, ssh_proxy) as c:
         r = c.run(run)
-        for i, outcome in r.stop(grace).items():
-            ssh.emit(f"w{i}" if not local else "local", f"{r.id}: {outcome}")
+        outcomes = r.stop(grace)
+    if all(o == jobs.NO_RUN for o in outcomes.values()):
+        raise LauncherError(f"run {r.id}: not there (no runs/{r.id} on {'this machine' if local else 'the workers'})")
+    for i, outcome in outcomes.items():
+        ssh.emit(f"w{i}" if not local else "local", f"{r.id}: {outcome}")
 
 
 @app.command("fetch-summary")
@@ -611,7 +643,10 @@ def runs_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     """The local index of fetched runs."""
     from launcher import runs
 
-    index = list(runs.load_index().values())
+    skipped: list[str] = []
+    index = list(runs.load_index(skipped).values())
+    for why in skipped:
+        typer.echo(f"warning: skipped {why}; fix or delete that entry", err=True)
     if as_json:
         typer.echo(json.dumps(index, indent=2))
         return

@@ -52,11 +52,24 @@ def check_zone(zone: str) -> str:
     return zone
 
 
+_SLICE_SIZES = {"v6e": (1, 4, 8, 16, 32, 64, 128, 256), "v5litepod": (1, 4, 8, 16, 32, 64, 128, 256)}
+"""Chips of the single- and multi-host slices v5e and v6e come in; v4 and v5p count TensorCores
+(two per chip), in multiples of 8."""
+_VERSION = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_RESERVATION = re.compile(r"^(projects/[a-z][-a-z0-9.:]*[a-z0-9]/locations/[a-z]+-[a-z]+\d+-[a-z]/reservations/)?"
+                          r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+MAX_VALID_FOR = datetime.timedelta(days=365)
+
+
 def check_type(accelerator_type: str) -> str:
-    if not _TYPE.match(accelerator_type):
+    match = _TYPE.match(accelerator_type)
+    size = int(match.group(2)) if match else 0
+    sizes = _SLICE_SIZES.get(match.group(1)) if match else None
+    if not match or (size not in sizes if sizes else size < 8 or size % 8):
         raise LauncherError(
-            f"--type {accelerator_type!r}: expected <generation>-<cores> with generation one of "
-            f"{', '.join(RUNTIME_VERSIONS)} (e.g. v6e-8)"
+            f"--type {accelerator_type!r}: expected <generation>-<size> with generation one of "
+            f"{', '.join(RUNTIME_VERSIONS)} (e.g. v6e-8; v6e/v5litepod sizes {', '.join(map(str, _SLICE_SIZES['v6e']))}; "
+            "v4/v5p a multiple of 8)"
         )
     return accelerator_type
 
@@ -69,7 +82,11 @@ def check_name(name: str) -> str:
 
 def runtime_version(accelerator_type: str, version: str) -> str:
     """The runtime image: as given, or the generation's default for `auto`."""
-    return RUNTIME_VERSIONS[check_type(accelerator_type).split("-")[0]] if version == "auto" else version
+    if version == "auto":
+        return RUNTIME_VERSIONS[check_type(accelerator_type).split("-")[0]]
+    if not _VERSION.match(version):
+        raise LauncherError(f"--version {version!r}: expected a runtime version such as v6e-ubuntu-2404, or auto")
+    return version
 
 
 def check_project(project: str) -> str:
@@ -177,7 +194,10 @@ def parse_duration(text: str, flag: str) -> datetime.timedelta:
     if not text.strip() or not match or not any(match.groups()):
         raise LauncherError(f"{flag} {text!r}: expected a duration such as 6h, 90m, 1d12h or 3600s")
     d, h, m, s = (int(g or 0) for g in match.groups())
-    return datetime.timedelta(days=d, hours=h, minutes=m, seconds=s)
+    total = d * 86400 + h * 3600 + m * 60 + s
+    if not 0 < total <= MAX_VALID_FOR.total_seconds():
+        raise LauncherError(f"{flag} {text!r}: expected a duration above 0s and at most {MAX_VALID_FOR.days}d")
+    return datetime.timedelta(seconds=total)
 
 
 @dataclass
@@ -254,7 +274,9 @@ class Zone:
     def create(self, name: str, node: tpu_v2.Node, timeout: float, wait: bool = True) -> tpu_v2.Node | None:
         with api_errors(f"creating TPU VM {name} in {self.zone}"):
             op = self.client.create_node(parent=self.parent, node=node, node_id=name)
-            return wait_for(op, timeout, f"creating {name} ({node.accelerator_type})") if wait else None
+            return wait_for(op, timeout, f"creating {name} ({node.accelerator_type})",
+                            f"it is still being created: `mllm vm list` shows it, `mllm vm delete {name}` "
+                            "removes it") if wait else None
 
     def get(self, name: str) -> tpu_v2.Node:
         with api_errors(f"TPU VM {name} in {self.zone}"):
@@ -454,6 +476,11 @@ class VmRequest:
         check_type(accelerator_type)
         if not queued and (guaranteed or reserved or valid_for):
             raise LauncherError("--guaranteed, --reserved and --valid-for need --queued")
+        if guaranteed and reserved:
+            raise LauncherError("--guaranteed and --reserved: give one (a reservation is its own capacity)")
+        if reserved is not None and not _RESERVATION.match(reserved):
+            raise LauncherError(f"--reserved {reserved!r}: expected a reservation name, or "
+                                "projects/P/locations/ZONE/reservations/NAME")
         name = check_name(name or f"mllm-{accelerator_type}-{time.strftime('%y%m%d%H%M%S', time.gmtime())}")
         capacity = "reserved" if reserved else "guaranteed" if guaranteed or not spot else "spot"
         return cls(name, accelerator_type, runtime_version(accelerator_type, version), capacity, queued, reserved,
@@ -642,15 +669,17 @@ def stale(z: Zone) -> list[Deletion]:
     return plan
 
 
-def wait_for(op: operation.Operation, timeout: float, what: str) -> Any:
-    """Wait for a long-running operation with a spinner; a timeout is a clear error."""
+def wait_for(op: operation.Operation, timeout: float, what: str, still: str = "") -> Any:
+    """Wait for a long-running operation with a spinner; a timeout is a clear error (saying
+    what is still going on, `still`)."""
     from rich.console import Console
 
     with Console(stderr=True).status(f"{what} ..."):
         try:
             return op.result(timeout=timeout)
         except (TimeoutError, concurrent.futures.TimeoutError):
-            raise LauncherError(f"{what}: still running after {timeout:.0f}s (operation {op.operation.name})") from None
+            raise LauncherError(f"{what}: still running after {timeout:.0f}s (operation {op.operation.name})"
+                                f"{'; ' + still if still else ''}") from None
 
 
 def worker_ips(node: tpu_v2.Node, internal: bool = False) -> list[str]:

@@ -167,7 +167,7 @@ class Cluster:
     def launch(self, recipe: str, config: str, overrides: list[str] = (), env_file: str | None = None,
                sync_first: bool = True, include_dirty: bool = False, force: bool = False,
                run_preflight: bool = True, resume: str | None = None, bucket: str | None = None,
-               recoveries: int = 0, resume_if_any: bool = False) -> Run:
+               recoveries: int = 0, resume_if_any: bool = False, durable: bool = False) -> Run:
         """Start `python -m mllm_jax train RECIPE` detached, one process per selected worker
         (coordinator = the first), after syncing and bringing each venv up to date. On a VM the
         config is first compiled for its TPU type (preflight) and refused if it cannot fit,
@@ -182,15 +182,22 @@ class Cluster:
         checkpoints go to BUCKET/<run id>/checkpoints, which every worker shares and which
         outlives the VM (what `mllm watch` needs to recover it). `recoveries`: the supervisor's
         count, for run_summary.json; `resume_if_any`: its relaunch, from step 0 when the run was
-        preempted before its first checkpoint.
+        preempted before its first checkpoint. `durable`: refuse (before anything starts) a run
+        whose checkpoints would be on the VM's own disk, which a preemption loses (`--recover`).
 
         On a VM the launch is recorded in .mllm/watch/<run id>.json for `mllm watch`."""
         config_arg, sha = self._config_and_sha(config)
         resolved = check_config(recipe, config, list(overrides))
-        if (resolved.get("train") or {}).get("checkpoint_dir"):
+        own_dir = (resolved.get("train") or {}).get("checkpoint_dir")
+        if own_dir:
             bucket = None  # the config's own directory wins
         elif bucket:
             bucket = check_bucket(bucket)
+        checkpoints = own_dir or (f"{bucket}/<run id>/{contracts.CHECKPOINTS_DIR}" if bucket else None)
+        if durable and not self.is_local:
+            from launcher import watch
+
+            watch.check_durable(checkpoints)
         if run_preflight and self.accelerator_type:
             preflight.gate(recipe, config, list(overrides), self.accelerator_type)
         if resume and resume_if_any:  # the supervisor's relaunch: the trainer decides (no checkpoint: step 0)
@@ -241,7 +248,7 @@ class Cluster:
             # the launch must still be created again the same way.
             boot = remote.bootstrap_record(self.conns, self.workers[0]) if self.conns is not None else None
             watch.record_launch(run_id, recipe, config_arg, list(overrides), sha, self.vm, self.zone, self.project,
-                                env_file, boot)
+                                env_file, boot, checkpoints)
         return Run(self, run_id)
 
     def _resumable(self, resume: str, resolved: dict, bucket: str | None) -> str:
@@ -357,31 +364,31 @@ class Run:
     def status(self) -> dict[int, jobs.WorkerStatus]:
         return ssh.fan_out(self.targets, lambda t: jobs.status(t, self.id))
 
-    def logs(self, follow: bool = False) -> int | None:
+    def logs(self, follow: bool = False, raw: bool = False) -> int | None:
         """Print every target's log, `[wK]`-prefixed. `follow` streams until the job ends (its
         exit file exists) and returns the worst exit code (1 for a worker whose job is gone
         without one). A connection that drops or goes silent is reported as `[wK] connection lost
         (why), reconnecting` and opened afresh (with backoff), from the first line not printed
-        yet: each line is printed once."""
+        yet: each line is printed once. Terminal escapes in the log are shown escaped unless `raw`."""
         if not follow:
             for t in self.targets:
                 for line in jobs.read_log(t, self.id).splitlines():
-                    ssh.emit(t.label, line)
+                    ssh.emit(t.label, line, raw)
             return None
         if len(self.targets) > 1:
-            codes = list(ssh.fan_out(self.targets, self._follow).values())
+            codes = list(ssh.fan_out(self.targets, lambda t: self._follow(t, raw)).values())
         else:  # in this thread: Ctrl-C stops it at once
-            codes = [self._follow(self.targets[0])]
+            codes = [self._follow(self.targets[0], raw)]
         return max((c if c is not None else 1) for c in codes)
 
-    def _follow(self, t: jobs.Target) -> int | None:
+    def _follow(self, t: jobs.Target, raw: bool = False) -> int | None:
         """One target's log until its job ends: its exit code, None if it is lost."""
         seen = 0
 
         def line(text: str) -> None:
             nonlocal seen
             seen += 1
-            ssh.emit(t.label, text)
+            ssh.emit(t.label, text, raw)
 
         delay, tries = 1.0, 0
         while True:

@@ -16,6 +16,7 @@ from enum import Enum
 from pathlib import Path
 
 from launcher import cloud, compute, keys, state
+from launcher.readback import printable
 from launcher.errors import LauncherError
 from mllm_jax.contracts import BUCKET_PROBE_TIMEOUT_SEC
 
@@ -48,12 +49,7 @@ class Check:
 
     def line(self) -> str:
         text = f"{self.mark.value} {self.name}: {self.detail}" + (f"; {self.fix}" if self.fix else "")
-        return _printable(text)
-
-
-def _printable(text: str) -> str:
-    """API and file contents may hold control characters: escape them before a terminal sees them."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        return printable(text)
 
 
 def skipped(name: str, needs: str) -> Check:

@@ -9,6 +9,8 @@ session leader), `worker-<k>.exit`, `worker-<k>.sh` (the command, without secret
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from launcher import ssh
+from launcher import readback, ssh
 from launcher.errors import LauncherError
 from launcher.remote import remote_python
 from mllm_jax import contracts
@@ -226,18 +228,31 @@ def status(t: Target, run_id: str) -> WorkerStatus:
     run = run_path(run_id)
     k = t.index
     pid = f"{run}/{worker_file(k, 'pid')}"
+    exitf, metrics, log = f"{run}/{worker_file(k, 'exit')}", f"{run}/{contracts.METRICS_FILE}", f"{run}/{worker_log(k)}"
+    # Regular files only, and bounded reads: a worker's FIFO or link to /dev/zero must not hang us.
     code, out = t.sh(f"""cd {t.repo} 2>/dev/null && [ -d {run} ] || {{ echo MISSING; exit 0; }}
-if [ -f {run}/{worker_file(k, "exit")} ]; then echo "EXITED $(cat {run}/{worker_file(k, "exit")})"
-elif [ -f {pid} ] && kill -0 "-$(cat {pid})" 2>/dev/null; then echo RUNNING
+if [ -f {exitf} ]; then echo "EXITED $(head -c 64 {exitf} | head -n 1)"
+elif [ -f {pid} ] && kill -0 "-$(head -c 64 {pid})" 2>/dev/null; then echo RUNNING
 else echo LOST; fi
-tail -n 200 {run}/{contracts.METRICS_FILE} 2>/dev/null | grep '"train/loss"' | tail -n 1 | sed 's/^/STEP /'
-tail -n 1 {run}/{worker_log(k)} 2>/dev/null | sed 's/^/LAST /'""")
+[ -f {metrics} ] && timeout 20 tail -c 262144 {metrics} | grep '"train/loss"' | tail -n 1 | sed 's/^/STEP /'
+[ -f {log} ] && timeout 20 tail -c 65536 {log} | tail -n 1 | head -c 2000 | sed 's/^/LAST /'
+exit 0""")
     lines = out.splitlines()
     head = lines[0] if lines else "LOST"
-    state = {"RUNNING": "running", "LOST": "lost", "MISSING": "missing"}.get(head, head.replace("EXITED", "exited"))
-    step = next((int(line.split('"step": ')[1].split(",")[0]) for line in lines if line.startswith("STEP ")), None)
+    state = {"RUNNING": "running", "LOST": "lost", "MISSING": "missing"}.get(head, "")
+    if head.startswith("EXITED"):
+        exit_text = head[len("EXITED"):].strip()
+        state = f"exited {int(exit_text)}" if re.fullmatch(r"-?\d{1,4}", exit_text) else "lost"
+    step = None
+    for line in lines:
+        if line.startswith("STEP "):
+            try:
+                found = json.loads(line[5:]).get("step")
+            except (ValueError, AttributeError):
+                found = None
+            step = found if isinstance(found, int) and not isinstance(found, bool) and found >= 0 else None
     last = next((line[5:] for line in lines if line.startswith("LAST ")), "")
-    return WorkerStatus(k, state, step, last)
+    return WorkerStatus(k, state or "lost", step, readback.printable(last))
 
 
 def follow(t: Target, run_id: str, on_line: Callable[[str], None], from_line: int = 1,
@@ -301,16 +316,23 @@ exit {lost}"""
 
 
 def read_log(t: Target, run_id: str) -> str:
-    """The job's log on one target so far."""
-    code, out = t.sh(f"cat {t.repo}/{run_path(run_id)}/{worker_log(t.index)}")
+    """The job's log on one target so far (its last readback.LOG_MAX_BYTES)."""
+    code, out = t.sh(readback.read_script(f"{t.repo}/{run_path(run_id)}/{worker_log(t.index)}",
+                                          readback.LOG_MAX_BYTES, tail=True))
     if code:
         raise LauncherError(f"{t.label}: no log for run {run_id}")
     return out
 
 
 def exit_code(t: Target, run_id: str) -> int | None:
-    code, out = t.sh(f"cat {t.repo}/{run_path(run_id)}/{worker_file(t.index, 'exit')} 2>/dev/null")
-    return int(out.strip()) if code == 0 and out.strip().lstrip("-").isdigit() else None
+    """The job's recorded exit code; None when there is none, or it is not a plain number."""
+    code, out = t.sh(readback.read_script(f"{t.repo}/{run_path(run_id)}/{worker_file(t.index, 'exit')}",
+                                          readback.SMALL_MAX_BYTES) + " 2>/dev/null")
+    return int(out.strip()) if code == 0 and re.fullmatch(r"-?\d{1,4}", out.strip()) else None
+
+
+NO_RUN = "no such run"
+"""`stop`'s outcome on a target that has no dir for the run."""
 
 
 def stop(t: Target, run_id: str, grace: float = STOP_GRACE_SEC) -> str:
@@ -320,7 +342,7 @@ def stop(t: Target, run_id: str, grace: float = STOP_GRACE_SEC) -> str:
     run = run_path(run_id)
     k = t.index
     exitf = f"{run}/{worker_file(k, 'exit')}"
-    out = _checked(t, f"""cd {t.repo}
+    out = _checked(t, f"""cd {t.repo} 2>/dev/null && [ -d {run} ] || {{ echo "{NO_RUN}"; exit 0; }}
 pidf={run}/{worker_file(k, "pid")}
 [ -f $pidf ] || {{ echo "no job"; exit 0; }}
 pid=$(cat $pidf)

@@ -25,13 +25,15 @@ from typing import Any, Callable
 
 import yaml
 
-from launcher import jobs, remote, ssh, sync
+from launcher import jobs, readback, remote, ssh, sync
 from launcher.errors import LauncherError
 from mllm_jax import contracts
 
 SUITES_DIR = Path("configs") / "regress"
 """Suites, under the repository root; their baselines in SUITES_DIR/baselines/<suite>.yaml."""
 BASELINES = "baselines"
+MODELS_DIR = "models"
+"""Where a suite's `tiny_model` may be written: the repository's git-ignored models dir."""
 REPORTS_DIR = Path("reports")
 """Reports, under the current directory."""
 SIMPLE_CHECKS = ("exit_ok", "wandb_url")
@@ -124,6 +126,10 @@ def load_suite(path: Path, root: Path) -> Suite:
         if item in ("sync", "versions"):
             suite.steps.append(item)
         elif isinstance(item, dict) and set(item) == {"tiny_model"} and isinstance(item["tiny_model"], str):
+            models = (root / MODELS_DIR).resolve()
+            if not (root / item["tiny_model"]).resolve().is_relative_to(models) or Path(item["tiny_model"]).is_absolute():
+                raise LauncherError(f"{at}.tiny_model {readback.printable(item['tiny_model'])!r}: expected a directory "
+                                    f"under {MODELS_DIR}/ (the repository's ignored models dir), e.g. {MODELS_DIR}/tiny-qwen2")
             suite.tiny_model = item["tiny_model"]
             suite.steps.append("tiny_model")
         elif isinstance(item, dict) and "run" in item:
@@ -180,15 +186,16 @@ def _check(item: Any, at: str) -> Check:
     if not isinstance(item[source], str) or not item[source]:
         raise LauncherError(f"{at}.{source}: expected a name")
     step = item.get("step")
-    if step is not None and (source != "metric" or not isinstance(step, int) or step < 0 or kind == "falls"):
+    if step is not None and (source != "metric" or isinstance(step, bool) or not isinstance(step, int) or step < 0
+                             or kind == "falls"):
         raise LauncherError(f"{at}.step: expected a step number >= 0, with a metric and tolerance or max_ratio")
     bound = item[kind]
     if kind == "falls":
         if bound is not True or source != "metric":
             raise LauncherError(f"{at}.falls: expected true, with a metric")
         bound = None
-    elif isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0:
-        raise LauncherError(f"{at}.{kind}: expected a number > 0, got {bound!r}")
+    elif isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < math.inf:
+        raise LauncherError(f"{at}.{kind}: expected a finite number > 0, got {bound!r}")
     return Check(kind, item.get("metric"), item.get("summary"), step, None if bound is None else float(bound))
 
 
@@ -435,6 +442,19 @@ def _observed(check: Check, summary: dict, metrics: list[dict]) -> float | None:
 
 # -- the report ------------------------------------------------------------------------------------
 
+def check_reports_writable() -> None:
+    """Before the first run: a reports dir that cannot be written would lose the whole suite's
+    report at its end."""
+    try:
+        REPORTS_DIR.mkdir(exist_ok=True)
+        probe = REPORTS_DIR / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise LauncherError(f"{REPORTS_DIR.absolute()}: cannot write the report there ({e.strerror or e}); "
+                            "make it writable first") from None
+
+
 def write_report(report: dict) -> tuple[Path, Path]:
     """reports/<suite>-<UTC time>-<vm or local>.json and .md (a name this machine derived)."""
     where = report["target"].get("vm") or "local"
@@ -482,17 +502,56 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+REPORT_MAX_BYTES = 16 << 20
+
+
 def read_report(path: str) -> dict:
-    p = Path(path)
+    """A report, every field `compare` and `record` use checked (a report is a file anyone may
+    have edited: it never chooses a path, and nothing in it reaches the terminal raw)."""
+    text = readback.read_local(Path(path), REPORT_MAX_BYTES, f"REPORT {path}")
     try:
-        data = json.loads(p.read_text())
-    except OSError:
-        raise LauncherError(f"REPORT {path}: not found") from None
+        data = json.loads(text, parse_constant=lambda c: c)
     except json.JSONDecodeError as e:
         raise LauncherError(f"REPORT {path}: not valid JSON ({e.msg}); give the .json report") from None
     if not isinstance(data, dict) or not {"suite", "runs", "commit"} <= set(data):
         raise LauncherError(f"REPORT {path}: not an `mllm regress` report")
+    where = f"REPORT {path}"
+    if not isinstance(data["suite"], str) or not contracts.is_run_id(data["suite"]):
+        raise LauncherError(f"{where}: suite: expected a suite name, got {readback.printable(repr(data['suite']))[:80]}")
+    readback.text(data["commit"], f"{where}: commit")
+    readback.text(data.get("started"), f"{where}: started")
+    readback.text(readback.mapping(data.get("target"), f"{where}: target").get("vm"), f"{where}: target.vm")
+    workers = readback.mapping(readback.mapping(data.get("environment"), f"{where}: environment").get("workers"),
+                               f"{where}: environment.workers")
+    for w, found in workers.items():
+        for k, v in readback.mapping(found, f"{where}: environment.workers.{w}", optional=False).items():
+            _scalar(v, f"{where}: environment.workers.{w}.{k}")
+    if not isinstance(data["runs"], list):
+        raise LauncherError(f"{where}: runs: expected a list")
+    for i, r in enumerate(data["runs"]):
+        at = f"{where}: runs[{i}]"
+        r = readback.mapping(r, at, optional=False)
+        readback.text(r.get("name"), f"{at}.name", optional=False)
+        readback.integer(r.get("exit_code"), f"{at}.exit_code")
+        readback.text(r.get("error"), f"{at}.error", limit=100_000)
+        if not isinstance(r.get("checks"), list):
+            raise LauncherError(f"{at}.checks: expected a list")
+        for j, c in enumerate(r["checks"]):
+            c = readback.mapping(c, f"{at}.checks[{j}]", optional=False)
+            readback.text(c.get("check"), f"{at}.checks[{j}].check", optional=False)
+            readback.text(c.get("status"), f"{at}.checks[{j}].status", optional=False)
+            _scalar(c.get("observed"), f"{at}.checks[{j}].observed")
     return data
+
+
+def _scalar(value: Any, where: str) -> None:
+    """A value a report may show: None, a bool, a finite number or one line of text."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        readback.number(value, where)
+        return
+    readback.text(value, where)
 
 
 def compare(a: dict, b: dict) -> list[str]:
@@ -539,9 +598,9 @@ def record(report: dict, root: Path) -> tuple[Path, list[str]]:
     if failed:
         raise LauncherError(f"the report's run(s) {', '.join(failed)} failed: record a baseline from a report whose "
                             "runs all completed")
-    path = Path(report["suite_file"])
-    path = path if path.is_absolute() else root / path
-    suite = load_suite(path if path.is_file() else suite_path(report["suite"], root), root)
+    # The suite (and so the baseline file) comes from the checked suite name alone, inside the
+    # repository: never from a path the report names.
+    suite = load_suite(suite_path(report["suite"], root), root)
     checks = {r.name: {c.name for c in r.checks if c.needs_baseline} for r in suite.runs}
     new = {k: dict(v) for k, v in suite.baselines.items()}
     changes = []
@@ -553,7 +612,7 @@ def record(report: dict, root: Path) -> tuple[Path, list[str]]:
                 if old != c["observed"]:
                     changes.append(f"{r['name']} {c['check']}: {_shown(old) if old is not None else 'none'} -> "
                                    f"{_shown(c['observed'])}")
-    path = suite.baseline_path
+    path = root / SUITES_DIR / BASELINES / f"{suite.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     head = (f"# Baselines of the regression suite {suite.name}: written by `mllm regress --record` from a report\n"
             f"# (commit {str(report['commit'])[:12]}, {report['target'].get('vm') or 'local'}, {report['started']}).\n"

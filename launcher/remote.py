@@ -22,6 +22,7 @@ from dotenv import dotenv_values
 
 from launcher import ssh
 from launcher.errors import LauncherError
+from launcher.readback import printable
 from mllm_jax.config import ConfigError
 from mllm_jax.contracts import DEFAULT_VENV, INSTALL_RECORD, PYTHON_RECORD, REMOTE_REPO
 from mllm_jax.config import read_text_file
@@ -102,7 +103,15 @@ def versions(conns: ssh.Connections, w: ssh.Worker) -> dict:
                                       + " ".join(VERSION_PACKAGES))
     for line in out.splitlines():
         if line.startswith("MLLM_VERSIONS "):
-            return json.loads(line[len("MLLM_VERSIONS "):])
+            try:
+                found = json.loads(line[len("MLLM_VERSIONS "):])
+            except ValueError:
+                found = None
+            if not isinstance(found, dict):
+                raise LauncherError(f"worker {w.index}: its versions are not a JSON object: {line[14:][:100]}")
+            # A worker's words, shown in a table: plain values, printable, bounded.
+            return {printable(str(k))[:64]: v if isinstance(v, int) and not isinstance(v, bool)
+                    else None if v is None else printable(str(v))[:200] for k, v in found.items()}
     raise LauncherError(f"worker {w.index}: could not read versions (exit {code}): {out.strip()[-300:]}")
 
 
@@ -212,7 +221,7 @@ def _probe_answer(out: str) -> dict | None:
 
 def _one_line(text: str, limit: int = 300) -> str:
     """A worker's text, safe to print as part of one line: control characters replaced, bounded."""
-    text = re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
+    text = printable(" ".join(text.split("\n"))).strip()
     return text if len(text) <= limit else text[:limit] + "..."
 
 

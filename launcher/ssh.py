@@ -223,10 +223,13 @@ class Connections:
 _print_lock = threading.Lock()
 
 
-def emit(label: str, line: str) -> None:
-    """One output line of a worker, `[wK] ...`; whole lines only, even from many threads."""
+def emit(label: str, line: str, raw: bool = False) -> None:
+    """One output line of a worker, `[wK] ...`; whole lines only, even from many threads. Its
+    control characters are shown escaped (readback.printable) unless `raw`."""
+    from launcher.readback import printable
+
     with _print_lock:
-        print(f"[{label}] {line}", flush=True)
+        print(f"[{label}] {line if raw else printable(line)}", flush=True)
 
 
 def run(conns: Connections, w: Worker, command: str, on_line: Callable[[str], None] | None = None,

@@ -57,10 +57,15 @@ def remember(**values: str | None) -> None:
 
 
 def _write(state: dict) -> None:
-    """Whole or not at all: a kill mid-write keeps the old file."""
-    tmp = _path().with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(_path())
+    write_json(_path(), state)
+
+
+def write_json(path: Path, data: object) -> None:
+    """A JSON file of the state dir, whole or not at all: a kill mid-write keeps the old one."""
+    ensure_dir()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 CREATED = "created"

@@ -13,7 +13,9 @@ run index and, through $MLLM_RECOVERIES, run_summary.json) and bounded by `max_r
 A job that exits non-zero by itself is a bug, not a preemption: it ends the watch unless
 `restart_on_failure`. When the run ends (or recovery gives up) the VM and its queued resource are
 deleted if `mllm` made them (`mllm vm create` from here, or a recreate), so nothing is left
-holding quota; a VM the run only attached to is kept unless `--delete-vm` (`keep_vm` False).
+holding quota; a VM the run only attached to is kept unless `--delete-vm` (`keep_vm` False), and
+so is a stopped run's (`mllm stop`: it can go on from its checkpoint there). A supervisor killed
+mid-recovery and started again goes on with that recovery without counting it twice.
 
 The API and SSH have bad minutes: an error that persists makes the look "unknown" (a line when
 that starts and ends), never the end of the watch; past `api_grace` it counts as unreachable.
@@ -51,7 +53,7 @@ ENDED = ("completed", "failed", "stopped", "gave up")
 """A plan's final statuses: its VM is gone, there is nothing left to watch."""
 EVENTS_KEPT = 200
 KEPT = ("env_src", "vm_request", "bootstrap", "max_recoveries", "restart_on_failure", "keep_vm", "recoveries",
-        "restarts", "events", "owned")
+        "restarts", "events", "owned", "allow_restart_from_zero")
 """What a new launch of a watched run (its resume) keeps of the old plan."""
 
 
@@ -86,6 +88,10 @@ class Plan:
     """Keep the VM at the end (True), delete it (False), or delete it only if `owned` (None)."""
     owned: bool = False
     """`mllm` made this VM (`mllm vm create` from here, or the supervisor's recreate)."""
+    checkpoints: str | None = None
+    """Where the run's checkpoints go (None: its run dir on the VM), as the launch resolved it."""
+    allow_restart_from_zero: bool = False
+    """Supervise it although its checkpoints die with the VM (a recovery then starts over)."""
     recoveries: int = 0
     restarts: int = 0
     status: str = "watching"
@@ -128,13 +134,31 @@ def load(run_id: str) -> Plan:
         raise LauncherError(f"{path}: not a watch plan ({e}); fix or delete it") from None
 
 
+VM_DISK = ("/root", "/home/", "/tmp", "/var/tmp")
+"""Absolute paths on a worker's own disk: gone with a preempted VM (other absolute paths are
+taken as a mount the user made, e.g. Filestore)."""
+
+
+def check_durable(checkpoints: str | None) -> None:
+    """Refuse to supervise a run whose checkpoints die with the VM: its "recovery" would train
+    from step 0 again and call that a success."""
+    on_disk = (checkpoints is None or ("://" not in checkpoints
+                                       and (not checkpoints.startswith("/") or checkpoints.startswith(VM_DISK))))
+    if on_disk:
+        where = f"in {checkpoints}" if checkpoints else f"in the run dir ({contracts.RUNS_DIR}/<run id>/checkpoints)"
+        raise LauncherError(f"the run's checkpoints would be {where}, on the VM's own disk, which a preemption "
+                            "loses: give --bucket gs://BUCKET (or a train.checkpoint_dir on shared storage), or "
+                            "--allow-restart-from-zero to recover by starting over")
+
+
 def record_launch(run_id: str, recipe: str, config: str, overrides: list[str], commit: str, vm: str, zone: str,
-                  project: str, env_file: str | None, bootstrap: dict[str, Any] | None = None) -> None:
+                  project: str, env_file: str | None, bootstrap: dict[str, Any] | None = None,
+                  checkpoints: str | None = None) -> None:
     """What `mllm launch` started (and how its workers were bootstrapped), for a later `mllm watch
     RUN`; a plan already there (a resume of a watched run) keeps its counts and choices."""
     old = state.read_json_object(plan_path(run_id))
     plan = Plan(run_id, recipe, config, list(overrides), commit, vm, zone, project, env_file, bootstrap=bootstrap,
-                owned=state.created(project, zone, vm))
+                owned=state.created(project, zone, vm), checkpoints=checkpoints)
     if old:  # keep the counts and options; what was learned about the VM only if it is the same one
         same_vm = (old.get("vm"), old.get("zone"), old.get("project")) == (vm, zone, project)
         plan = Plan(**{**old, **asdict(plan), **{k: old.get(k) for k in KEPT if k in old},
@@ -299,7 +323,7 @@ class Timing:
                     value = float(text)
                 except ValueError:
                     value = -1.0
-                if not value >= 0:
+                if not 0 <= value < float("inf"):
                     raise LauncherError(f"${env}={text!r}: expected seconds (a number >= 0)")
             if value is not None:
                 values[key] = value
@@ -315,6 +339,8 @@ def watch(run_id: str, timing: Timing = Timing()) -> int:
     if plan.status in ENDED:
         raise LauncherError(f"run {run_id} already ended ({plan.status}; {plan_path(run_id)}); to go on, "
                             f"`mllm launch ... --resume {run_id}` on a VM, then watch it again")
+    if not plan.allow_restart_from_zero:
+        check_durable(plan.checkpoints)
     lock = Lock(run_id)
     try:
         z = cloud.Zone.resolve(plan.zone, plan.project)
@@ -329,6 +355,9 @@ def watch(run_id: str, timing: Timing = Timing()) -> int:
                       "watch with --push-env FILE to push it there again")
         unreachable_since: float | None = None
         unknown_since: float | None = None
+        # A supervisor killed mid-recovery left the plan "recovering": the next one finishes that
+        # recovery without counting the same preemption twice.
+        resuming = plan.status == "recovering"
         while True:
             seen = look(z, plan, connect)
             if seen.kind == "unknown":
@@ -351,6 +380,7 @@ def watch(run_id: str, timing: Timing = Timing()) -> int:
                                     f"{time.monotonic() - unreachable_since:.0f}s ({seen.why})")
             unreachable_since = None
             if seen.kind == "running":
+                resuming = False
                 if plan.status != "watching":
                     plan.status = "watching"
                     save(plan)
@@ -364,12 +394,17 @@ def watch(run_id: str, timing: Timing = Timing()) -> int:
                 say(plan, f"{seen.why}: a failure, not a preemption (pass --restart-on-failure to resume it anyway)")
                 return _finish(plan, z, connect, "failed", seen.code, timing)
             counter = "restarts" if seen.kind == "failed" else "recoveries"
-            if plan.recoveries + plan.restarts >= plan.max_recoveries:
-                say(plan, f"{seen.why}; {plan.max_recoveries} recoveries used up: giving up")
-                return _finish(plan, z, connect, "gave up", 1, timing, fetch=seen.kind != "dead")
-            setattr(plan, counter, getattr(plan, counter) + 1)
-            plan.status = "recovering"
-            say(plan, f"{seen.why}: recovery {plan.recoveries + plan.restarts}/{plan.max_recoveries}")
+            if resuming:
+                resuming = False
+                say(plan, f"{seen.why}: going on with recovery {plan.recoveries + plan.restarts}/"
+                          f"{plan.max_recoveries}, which a supervisor before this one began")
+            else:
+                if plan.recoveries + plan.restarts >= plan.max_recoveries:
+                    say(plan, f"{seen.why}; {plan.max_recoveries} recoveries used up: giving up")
+                    return _finish(plan, z, connect, "gave up", 1, timing, fetch=seen.kind != "dead")
+                setattr(plan, counter, getattr(plan, counter) + 1)
+                plan.status = "recovering"
+                say(plan, f"{seen.why}: recovery {plan.recoveries + plan.restarts}/{plan.max_recoveries}")
             runs.mark(plan.run, vm=plan.vm, zone=plan.zone, recipe=plan.recipe, commit=plan.commit,
                       status="recovering", recoveries=plan.recoveries)
             try:
@@ -488,11 +523,13 @@ def _finish(plan: Plan, z: cloud.Zone, connect: Callable[[], Any], status: str, 
             say(plan, f"could not fetch the summary: {e}")
     runs.mark(plan.run, vm=plan.vm, zone=plan.zone, recipe=plan.recipe, commit=plan.commit,
               recoveries=plan.recoveries, **({} if status == "completed" else {"status": status}))
-    if plan.keep_vm is False or (plan.keep_vm is None and plan.owned):
+    if plan.keep_vm is False or (plan.keep_vm is None and plan.owned and status != "stopped"):
         _delete(plan, z, timing)
     else:
-        say(plan, f"keeping {plan.vm}: " + ("--keep-vm" if plan.keep_vm else
-                                            "the run only attached to it (`--delete-vm` deletes it)"), save_it=False)
+        why = ("--keep-vm" if plan.keep_vm else
+               f"the run was stopped and can go on from its checkpoint there (`mllm launch ... --resume {plan.run}`)"
+               if status == "stopped" else "the run only attached to it (`--delete-vm` deletes it)")
+        say(plan, f"keeping {plan.vm}: {why}", save_it=False)
     plan.status = status
     say(plan, f"{plan.run} {status} after {plan.recoveries} recoveries"
               f"{f' and {plan.restarts} restarts' if plan.restarts else ''}")

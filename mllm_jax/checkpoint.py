@@ -34,13 +34,20 @@ def space_short(directory: str, state: Any) -> str | None:
 class Checkpointer:
     """Thin wrapper over orbax's CheckpointManager with the run's save policy."""
 
-    def __init__(self, directory: str, every: int, keep: int):
-        """`directory`: a local path or a bucket URL such as gs://bucket/run (orbax's epath)."""
+    def __init__(self, directory: str, every: int, keep: int, name: str = "train"):
+        """`directory`: a local path or a bucket URL such as gs://bucket/run (orbax's epath).
+        `name` keys this manager's cross-process barriers: orbax names them by step alone
+        (`_async_write_complete.<step>`), so two managers saving one step at once (the last
+        step's checkpoint and the best one, when the last evaluation is a new best) would share
+        a barrier and fail a multi-process run at its end."""
         self.every = every
         self.directory = directory if "://" in directory else str(Path(directory).absolute())
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
         try:
             self.manager = ocp.CheckpointManager(
-                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+                self.directory, options=options,
                 item_handlers=ocp.StandardCheckpointHandler())  # known before any save: metadata of old steps
         except OSError as e:  # e.g. a path under a file, or no permission: the config's fault, one line
             raise ConfigError(f"train.checkpoint_dir {directory}: cannot create it ({e.strerror or e})") from None

@@ -246,7 +246,7 @@ class Selection:
             self.best, self.since = (int(step), float(value)) if step >= 0 else None, int(since)
         self.checkpointer = None
         if cfg.load_best_model_at_end:
-            self.checkpointer = Checkpointer(directory.rstrip("/") + "/" + BEST_DIR, every=0, keep=1)
+            self.checkpointer = Checkpointer(directory.rstrip("/") + "/" + BEST_DIR, every=0, keep=1, name=BEST_DIR)
             for step in self.checkpointer.manager.all_steps():  # saved after the checkpoint resumed from
                 if self.best is None or step != self.best[0]:
                     self.checkpointer.manager.delete(step)

@@ -94,8 +94,18 @@ def nothing(tmp: Path, request: pytest.FixtureRequest) -> None:
     pass
 
 
-def run_record(tmp: Path, request: pytest.FixtureRequest) -> None:
-    files(**{".mllm__runs.json": b'{"r1": {"run": "r1"}}'})(tmp, request)
+VM_CREATE = ["mllm", "vm", "create", "x", "--zone", "us-east1-d"]
+
+
+def report(**changes: object) -> bytes:
+    """An `mllm regress` report of one run, with `changes` (a tampered one)."""
+    import json
+
+    observed = changes.pop("observed", 1.5)
+    data = {"suite": "cpu", "suite_file": "configs/regress/cpu.yaml", "commit": "abc", "started": "2026-01-01T00:00:00Z",
+            "target": {"kind": "local"}, "runs": [{"name": "nano", "exit_code": 0, "error": None, "checks": [
+                {"check": "eval/loss", "observed": observed, "status": "pass"}]}], **changes}
+    return json.dumps(data).encode()
 
 
 ROWS: list[tuple[str, list[str], Setup]] = [
@@ -155,6 +165,9 @@ ROWS: list[tuple[str, list[str], Setup]] = [
     ("sft-eval-every-fraction-above-one", sft("train.eval_every=1.5"), nothing),
     ("sft-best-metric-not-eval", sft("train.best_metric=train/loss"), nothing),
     ("sft-no-category", sft("data.category=null"), nothing),
+    ("sft-best-metric-not-produced", sft("run_mode=train_eval", "train.best_metric=eval/ndcg@7", "eval.topk=[1,5,10]"),
+     nothing),
+    ("nanogpt-best-metric-unknown", nano("train.load_best_model_at_end=true", "train.best_metric=eval/nope"), nothing),
     # --- rl -------------------------------------------------------------------------------------
     ("rl-no-base-model", rl("base_model=null"), nothing),
     ("rl-unknown-reward", rl("rl.reward=rouge"), nothing),
@@ -162,6 +175,8 @@ ROWS: list[tuple[str, list[str], Setup]] = [
     ("rl-one-generation", rl("rl.num_generations=1"), nothing),
     ("rl-sync-alpha-above-one", rl("rl.ref_sync_alpha=1.5"), nothing),
     ("rl-best-metric-loss", rl("train.load_best_model_at_end=true"), nothing),
+    ("rl-epsilon-above-one", rl("rl.epsilon=5"), nothing),
+    ("rl-best-metric-not-produced", rl("train.load_best_model_at_end=true", "train.best_metric=eval/hr@7"), nothing),
     ("rl-prompts-not-divisible", rl("train.prompts_per_step=12"), model()),
     ("rl-no-model-dir", rl(), nothing),
     ("rl-missing-train-file", rl("data.train_file=missing.csv"), model()),
@@ -181,13 +196,26 @@ ROWS: list[tuple[str, list[str], Setup]] = [
     ("state-json-zone-number", ["mllm", "vm", "list"], files(**{".mllm__state.json": b'{"zone": 5}'})),
     ("runs-json-list", ["mllm", "runs"], files(**{".mllm__runs.json": b"[]"})),
     ("runs-json-garbage", ["mllm", "runs"], files(**{".mllm__runs.json": b"{not json"})),
-    ("runs-json-bad-entry", ["mllm", "runs"], run_record),
     ("env-push-src-missing", ["mllm", "env", "push", "--src", "missing.env", "--vm", "x", "--zone", "us-east1-d"],
      nothing),
     ("env-push-src-binary", ["mllm", "env", "push", "--src", "bin.env", "--vm", "x", "--zone", "us-east1-d"],
      files(**{"bin.env": BINARY})),
     ("env-push-src-empty", ["mllm", "env", "push", "--src", "empty.env", "--vm", "x", "--zone", "us-east1-d"],
      files(**{"empty.env": b"# nothing\n"})),
+    ("vm-create-poll-negative", [*VM_CREATE, "--queued", "--poll", "-1"], nothing),
+    ("vm-create-timeout-zero", [*VM_CREATE, "--timeout", "0"], nothing),
+    ("vm-create-timeout-negative", [*VM_CREATE, "--timeout", "-5"], nothing),
+    ("vm-create-valid-for-huge", [*VM_CREATE, "--queued", "--valid-for", "99999999999h"], nothing),
+    ("vm-create-valid-for-zero", [*VM_CREATE, "--queued", "--valid-for", "0s"], nothing),
+    ("vm-create-type-size", [*VM_CREATE, "--type", "v6e-7"], nothing),
+    ("vm-create-version-shell", [*VM_CREATE, "--version", "x;y"], nothing),
+    ("vm-create-reserved-space", [*VM_CREATE, "--queued", "--reserved", "a b"], nothing),
+    ("vm-create-guaranteed-and-reserved", [*VM_CREATE, "--queued", "--guaranteed", "--reserved", "r1"], nothing),
+    ("stop-grace-negative", ["mllm", "stop", "--local", "--grace", "-1"], nothing),
+    ("status-missing-run", ["mllm", "status", "--local", "nanogpt-20260101-000000-abc1234"], nothing),
+    ("stop-missing-run", ["mllm", "stop", "--local", "nanogpt-20260101-000000-abc1234"], nothing),
+    ("launch-resume-empty", ["mllm", "launch", "nanogpt", "--local", "--config", "cfg.yaml", "--resume", ""],
+     files(**{"cfg.yaml": SMOKE.read_bytes()})),
     # others:
     ("fetch-summary-local-missing", ["mllm", "fetch-summary", "--local", "nanogpt-20260101-000000-abc1234"], nothing),
     ("logs-follow-local-missing", ["mllm", "logs", "-f", "--local", "nanogpt-20260101-000000-abc1234"], nothing),
@@ -207,6 +235,10 @@ ROWS: list[tuple[str, list[str], Setup]] = [
      files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": suite("{metric: eval/loss, tol: 0.1}")})),
     ("regress-check-two-bounds", ["mllm", "regress", "suite.yaml", "--local"],
      files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": suite("{metric: eval/loss, tolerance: 1, falls: true}")})),
+    ("regress-check-step-true", ["mllm", "regress", "suite.yaml", "--local"],
+     files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": suite("{metric: eval/loss, step: true, tolerance: 1}")})),
+    ("regress-check-max-ratio-inf", ["mllm", "regress", "suite.yaml", "--local"],
+     files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": suite("{metric: eval/loss, max_ratio: .inf}")})),
     ("regress-config-missing", ["mllm", "regress", "suite.yaml", "--local"], files(**{"suite.yaml": suite()})),
     ("regress-set-unknown-run", ["mllm", "regress", "suite.yaml", "--local", "--set", "other:train.max_steps=1"],
      files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": suite()})),
@@ -214,6 +246,17 @@ ROWS: list[tuple[str, list[str], Setup]] = [
      files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": suite()})),
     ("regress-compare-missing", ["mllm", "regress", "--compare", "a.json", "b.json"], nothing),
     ("regress-record-not-a-report", ["mllm", "regress", "--record", "r.json"], files(**{"r.json": b'{"a": 1}'})),
+    ("regress-record-suite-escapes", ["mllm", "regress", "--record", "r.json"],
+     files(**{"r.json": report(suite="../outside")})),
+    ("regress-record-started-newline", ["mllm", "regress", "--record", "r.json"],
+     files(**{"r.json": report(started="2026-01-01\nnano:\n  eval/loss: 0")})),
+    ("regress-compare-binary", ["mllm", "regress", "--compare", "bin.json", "bin.json"], files(**{"bin.json": BINARY})),
+    ("regress-compare-observed-escape", ["mllm", "regress", "--compare", "r.json", "r.json"],
+     files(**{"r.json": report(observed="\x1b]0;pwned\x07")})),
+    ("regress-tiny-model-outside", ["mllm", "regress", "suite.yaml", "--local"],
+     files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": b"steps:\n  - tiny_model: ../outside/x\n"})),
+    ("regress-reports-not-writable", ["mllm", "regress", "suite.yaml", "--local"],
+     files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": suite(), "reports": b"a file, not a dir"})),
     ("watch-run-not-launched", ["mllm", "watch", "nanogpt-20260101-000000-abc1234"], nothing),
     ("watch-run-id-bad", ["mllm", "watch", "../etc"], nothing),
     ("watch-plan-garbage", ["mllm", "watch", "nanogpt-20260101-000000-abc1234"],

@@ -10,9 +10,12 @@ from conftest import SMOKE, losses, run_hosts, run_trainer
 
 
 def test_two_processes_match_one_process(tmp_path, shakespeare):
+    """Also the end of a run whose last evaluation is a new best: the last step's checkpoint and
+    the best one are saved at once, by both processes (their barriers must not collide)."""
     common = ["--config", str(SMOKE), "--set", f"data.path={shakespeare}", "--set", "train.max_steps=20",
               "--set", "train.log_every=2", "--set", "train.eval_every=10", "--set", "train.checkpoint_every=10",
-              "--set", "model.dropout=0.1", "--set", "sample.max_new_tokens=16"]
+              "--set", "model.dropout=0.1", "--set", "sample.max_new_tokens=16",
+              "--set", "train.load_best_model_at_end=true"]
     single = run_trainer(*common, "--set", f"output_dir={tmp_path / 'single'}", cwd=tmp_path, devices=8)
     common += ["--set", f"train.checkpoint_dir={tmp_path / 'shared-checkpoints'}"]
     assert single.returncode == 0, single.stderr
@@ -22,6 +25,7 @@ def test_two_processes_match_one_process(tmp_path, shakespeare):
     outputs = [p.stdout for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [p.stderr for p in procs]
     assert (tmp_path / "shared-checkpoints" / "20").is_dir()
+    assert (tmp_path / "shared-checkpoints" / "best" / "20").is_dir()  # the last evaluation was the best
 
     one, two = (json.loads((d / "run_summary.json").read_text()) for d in (tmp_path / "single", multi_dir))
     assert (one["process_count"], one["local_device_count"], one["device_count"]) == (1, 8, 8)

@@ -68,7 +68,7 @@ def test_create_list_describe_delete(tmp_path, api):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["vm", "create", "x", "--zone", "us-east1-d", "--type", "v9-8"], "error: --type 'v9-8': expected <generation>-<cores>"),
+        (["vm", "create", "x", "--zone", "us-east1-d", "--type", "v9-8"], "error: --type 'v9-8': expected <generation>-<size>"),
         (["vm", "create", "x", "--zone", "useast1", "--type", "v6e-8"], "error: --zone 'useast1': expected a zone such as us-east1-d"),
         (["vm", "describe", "--vm", "nope", "--zone", "us-east1-d"], "error: TPU VM nope in us-east1-d: not found"),
         (["vm", "delete", "--vm", "nope", "--zone", "us-east1-d", "--yes"], "error: TPU VM nope in us-east1-d: not found"),

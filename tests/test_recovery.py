@@ -118,8 +118,14 @@ def test_preempted_vm_is_recreated_and_the_run_resumes_bit_exactly(tmp_path, hos
         api.fail_next(503, "The service is currently unavailable.", method="GET", times=3)
         wait_for("the supervisor to meet the 503s", lambda: not api.pending_failures, 30)
         tpu.preempt("pair")
+        # Killed in the middle of its recovery and started again, it counts one preemption once.
+        log_file = repo / ".mllm" / "watch" / f"{run_id}.log"
+        wait_for("the recreate", lambda: "creating pair again" in log_file.read_text(), 120)
+        os.kill(pid, signal.SIGKILL)
+        wait_for("the killed supervisor to go", lambda: not alive(pid), 10)
+        pid = supervisor_pid(run("watch", run_id, "--detach", *FAST))
         wait_for("the supervisor to finish", lambda: not alive(pid), 300)
-        log = (repo / ".mllm" / "watch" / f"{run_id}.log").read_text()
+        log = log_file.read_text()
         assert "the VM is PREEMPTED: recovery 1/3" in log and "creating pair again (v4-16, spot)" in log, log
         assert f"resumed {run_id}" in log and f"{run_id} completed after 1 recoveries" in log, log
         assert f"pushed {secrets} (4 keys) to the workers" in log, log
@@ -219,11 +225,15 @@ def test_launch_recover_gives_up_on_silent_workers_and_stockouts_leaving_nothing
                    env={**env, "MLLM_WATCH_POLL": "soon"})
         assert bad.returncode == 2 and bad.stderr.strip().endswith("$MLLM_WATCH_POLL='soon': expected seconds "
                                                                    "(a number >= 0)"), bad.stderr
+        disk = run("launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket), "--recover")
+        assert disk.returncode == 2 and "on the VM's own disk, which a preemption loses" in disk.stderr, disk.stderr
         assert not (repo / ".mllm" / "watch").exists()  # refused before anything started
+        assert "no runs yet" in run("status").stderr
         out = tmp_path / "recover.out"
         with open(out, "w") as f:
             proc = subprocess.Popen([MLLM, "launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket),
-                                     "--set", "train.max_steps=100000", "--recover", "--max-recoveries", "1"],
+                                     "--set", "train.max_steps=100000", "--recover", "--max-recoveries", "1",
+                                     "--allow-restart-from-zero"],
                                     cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
         try:
             wait_for("the supervisor to watch", lambda: "recoveries used" in out.read_text(), 120)
@@ -239,3 +249,26 @@ def test_launch_recover_gives_up_on_silent_workers_and_stockouts_leaving_nothing
         assert not api.nodes and not api.queued_resources, (api.nodes, api.queued_resources)
         (entry,) = json.loads(run("runs", "--json").stdout)
         assert entry["status"] == "gave up" and entry["recoveries"] == 1
+
+
+def test_a_stopped_watched_run_keeps_its_vm_and_checkpoint(tmp_path, hosts, repo, bucket):
+    """`mllm stop` of a watched run (exit 143: it checkpointed and can go on): the supervisor
+    ends "stopped" and keeps the VM, although mllm made it, with the checkpoint on it."""
+    tpu = Slice(hosts)
+    with tpu.api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
+        assert run("vm", "create", "solo", "--zone", ZONE, "--type", "v6e-8").returncode == 0
+        assert run("bootstrap", "--python", sys.executable).returncode == 0
+        launched = run("launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket),
+                       "--set", "train.max_steps=100000", "--set", f"train.checkpoint_dir={bucket / 'ckpt'}")
+        assert launched.returncode == 0, launched.stdout + launched.stderr
+        run_id = launched.stdout.split("run ")[-1].split(":")[0]
+        pid = supervisor_pid(run("watch", run_id, "--detach", *FAST))
+        wait_for("a checkpoint", lambda: checkpoints(bucket))
+        assert run("stop").returncode == 0
+        wait_for("the supervisor to finish", lambda: not alive(pid), 120)
+        log = (repo / ".mllm" / "watch" / f"{run_id}.log").read_text()
+        assert "keeping solo: the run was stopped and can go on from its checkpoint" in log, log
+        assert f"{run_id} stopped after 0 recoveries" in log, log
+        assert api.node("solo")["state"] == "READY" and checkpoints(bucket)

@@ -60,9 +60,9 @@ def test_judgements_say_by_how_much():
     assert crashed.status == "fail" and "a traceback in the log" in crashed.detail
 
 
-def suite_file(tmp_path: Path, runs: str) -> Path:
-    path = tmp_path / "suites" / "mini.yaml"
-    path.parent.mkdir(exist_ok=True)
+def suite_file(directory: Path, runs: str) -> Path:
+    path = directory / "mini.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(runs)
     return path
 
@@ -86,7 +86,8 @@ def repo(tmp_path):
 
 
 def test_local_suite_records_a_baseline_and_fails_a_regression_by_how_much(tmp_path, repo):
-    suite = suite_file(tmp_path, "steps:\n  - versions\n" + NANO.format(data=SHAKESPEARE))
+    # In the repository's suites dir: --record writes only its configs/regress/baselines/ (never where a report says).
+    suite = suite_file(repo / "configs" / "regress", "steps:\n  - versions\n" + NANO.format(data=SHAKESPEARE))
     env = launcher_env(tmp_path, "http://127.0.0.1:9")
     run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
 
@@ -105,7 +106,7 @@ def test_local_suite_records_a_baseline_and_fails_a_regression_by_how_much(tmp_p
     assert recorded.returncode == 0, recorded.stderr
     observed = nano["checks"][1]["observed"]
     assert f"nano eval/loss@30: none -> {observed:.6g}" in recorded.stdout
-    baseline = tmp_path / "suites" / "baselines" / "mini.yaml"
+    baseline = repo / "configs" / "regress" / "baselines" / "mini.yaml"
     assert f"wrote {baseline}" in recorded.stdout and "eval/loss@30" in baseline.read_text()
 
     # A learning rate 100x too small: the eval loss misses its baseline, exit 1, the report says by how much.
@@ -136,7 +137,7 @@ def test_suite_on_two_workers_reports_versions_the_commit_and_a_crashed_run(tmp_
     set: [train.max_steps=10, train.log_every=2, sample.max_new_tokens=0, data.path={data}, train.checkpoint_dir={bucket}/{name}]
     checks: [exit_ok, {{metric: train/loss, falls: true}}]
 """ for name, data in (("crash", laptop_only), ("fine", bucket / "input.txt")))
-    suite = suite_file(tmp_path, "steps:\n  - sync\n  - versions\n" + runs)
+    suite = suite_file(tmp_path / "suites", "steps:\n  - sync\n  - versions\n" + runs)
     with Slice(hosts).api as api:
         env = launcher_env(tmp_path, api.endpoint)
         run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731

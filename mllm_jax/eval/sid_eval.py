@@ -33,6 +33,16 @@ class SidEvalConfig:
         if not self.topk or any(k < 1 or k > self.num_beams for k in self.topk):
             raise ConfigError(f"eval.topk: expected values in 1..num_beams={self.num_beams}, got {self.topk}")
 
+    def metrics(self) -> list[str]:
+        """The names `evaluate_sids` reports (what a train.best_metric may name)."""
+        return [f"eval/{kind}@{k}" for kind in ("hr", "ndcg") for k in self.topk]
+
+    def check_selects(self, best_metric: str) -> None:
+        """A train.best_metric this evaluation produces, refused before the run starts otherwise."""
+        if best_metric not in self.metrics():
+            raise ConfigError(f"train.best_metric {best_metric}: the SID evaluation reports "
+                              f"{', '.join(self.metrics())} (eval.topk {self.topk})")
+
 
 def padded_length(n: int, multiple: int = PROMPT_MULTIPLE) -> int:
     return -(-n // multiple) * multiple

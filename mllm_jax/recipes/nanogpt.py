@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from mllm_jax import optim, runtime
-from mllm_jax.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from mllm_jax.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from mllm_jax.optim import OptimizerConfig
 from mllm_jax.contracts import NanoGPTSummary
 from mllm_jax.data.char import CharDataConfig, CharDataset
@@ -66,6 +66,10 @@ class Config:
     jax: JaxConfig = field(default_factory=JaxConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> None:
+        if self.train.selects_best and self.train.best_metric != "eval/loss":
+            raise ConfigError(f"train.best_metric {self.train.best_metric}: nanogpt's evaluation reports eval/loss only")
 
 
 class NanoGPTPrograms:

@@ -89,6 +89,9 @@ class RlConfig:
         rewards.get(self.reward)
         if self.ref_sync_alpha > 1:
             raise ConfigError(f"rl.ref_sync_alpha: expected a number in (0, 1], got {self.ref_sync_alpha}")
+        if self.epsilon is not None and self.epsilon >= 1:
+            raise ConfigError(f"rl.epsilon: expected a number in [0, 1) (the ratio is clipped at 1 - epsilon, which "
+                              f"must stay above 0), got {self.epsilon}")
 
     def policy_loss(self) -> PolicyLoss:
         algo = ALGORITHMS[self.algorithm]
@@ -158,6 +161,7 @@ class Config:
             if not self.train.best_metric.startswith(("eval/hr@", "eval/ndcg@")) or not self.data.test_file:
                 raise ConfigError(f"train.best_metric {self.train.best_metric}: rl evaluates only SIDs; use e.g. "
                                   "eval/ndcg@10 with data.test_file")
+            self.eval.check_selects(self.train.best_metric)
 
 
 @dataclass

@@ -122,6 +122,8 @@ class Config:
             if t.best_metric != "eval/loss" and self.run_mode != "train_eval":
                 raise ConfigError(f"train.best_metric {t.best_metric}: the SID evaluation runs only with run_mode "
                                   "train_eval")
+            if t.best_metric != "eval/loss":
+                self.eval.check_selects(t.best_metric)
 
 
 @dataclass
