@@ -29,6 +29,8 @@ SMALL_MAX_BYTES = 4096
 """An exit file, a link: a line."""
 NOT_REGULAR = 3
 """read_script's exit code for a path that is not a regular file (a FIFO, a device, a link to one)."""
+MISSING = 4
+"""read_script's exit code for a path that does not exist."""
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -43,7 +45,7 @@ def read_script(path: str, limit: int, tail: bool = False) -> str:
     """A POSIX shell snippet printing at most `limit` bytes of the file at `path` (shell syntax,
     already quoted), its start or (`tail`) its end, within READ_TIMEOUT_SEC; it exits NOT_REGULAR
     for anything but a regular file, so a FIFO or a link to a device is never opened."""
-    return (f"[ -f {path} ] && [ ! -p {path} ] || exit {NOT_REGULAR}\n"
+    return (f"[ -e {path} ] || exit {MISSING}\n[ -f {path} ] && [ ! -p {path} ] || exit {NOT_REGULAR}\n"
             f"exec timeout {READ_TIMEOUT_SEC} {'tail' if tail else 'head'} -c {int(limit)} {path}")
 
 

@@ -622,10 +622,13 @@ def record(report: dict, root: Path) -> tuple[Path, list[str]]:
 
 
 def _yaml(path: Path) -> Any:
+    text = readback.read_local(path, REPORT_MAX_BYTES, str(path))
+    if "\ufffd" in text:
+        raise LauncherError(f"{path}: not UTF-8 text")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise LauncherError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise LauncherError(f"{path}: not valid YAML ({readback.printable(str(e).splitlines()[0])})") from None
 
 
 def _utc() -> str:

@@ -230,6 +230,7 @@ ROWS: list[tuple[str, list[str], Setup]] = [
     ("launch-recover-local", ["mllm", "launch", "nanogpt", "--local", "--config", "cfg.yaml", "--recover"],
      files(**{"cfg.yaml": SMOKE.read_bytes()})),
     ("regress-suite-missing", ["mllm", "regress", "nope", "--local"], nothing),
+    ("regress-suite-binary", ["mllm", "regress", "suite.yaml", "--local"], files(**{"suite.yaml": BINARY})),
     ("regress-suite-not-yaml", ["mllm", "regress", "suite.yaml", "--local"], files(**{"suite.yaml": b"steps: [\n"})),
     ("regress-check-key-unknown", ["mllm", "regress", "suite.yaml", "--local"],
      files(**{"cfg.yaml": SMOKE.read_bytes(), "suite.yaml": suite("{metric: eval/loss, tol: 0.1}")})),

@@ -161,11 +161,15 @@ def test_suspended_queued_resource_is_recreated_and_the_run_completes_bit_exactl
                        "--set", f"train.checkpoint_dir={bucket / 'ckpt'}")
         assert launched.returncode == 0, launched.stdout + launched.stderr
         run_id = launched.stdout.split("run ")[-1].split(":")[0]
-        wait_for("a checkpoint", lambda: checkpoints(bucket))
-
-        # The job killed on a live VM (as the OOM killer would): no exit file, status `lost`.
-        kill = f'for f in ~/mllm-jax/runs/{run_id}/worker-*.pid; do kill -9 "-$(cat "$f")"; done'
-        assert run("exec", "--", "sh", "-c", kill).returncode == 0
+        # The job killed on a live VM (as the OOM killer would): no exit file, status `lost`. Each
+        # worker kills its own job itself, the moment the first checkpoint is complete (orbax
+        # renames its directory to the step) or the next save begins: a step takes milliseconds,
+        # so a kill sent from here after seeing the checkpoint could come after the run's end.
+        ckpt = bucket / "ckpt"
+        kill = (f'until [ -d {ckpt}/10 ] || ls {ckpt} | grep -q "^20"; do sleep 0.005; done; '
+                f'for f in ~/mllm-jax/runs/{run_id}/worker-*.pid; do kill -9 "-$(cat "$f")"; done')
+        killed = run("exec", "--", "sh", "-c", kill)
+        assert killed.returncode == 0, killed.stdout
         states = lambda: [w["state"] for w in json.loads(run("status", "--json").stdout)["workers"]]  # noqa: E731
         assert states() == ["lost", "lost"]
         # Room for one more restart than the test makes: under CI's load a 2-process CPU job can miss
@@ -225,10 +229,11 @@ def test_launch_recover_gives_up_on_silent_workers_and_stockouts_leaving_nothing
                    env={**env, "MLLM_WATCH_POLL": "soon"})
         assert bad.returncode == 2 and bad.stderr.strip().endswith("$MLLM_WATCH_POLL='soon': expected seconds "
                                                                    "(a number >= 0)"), bad.stderr
+        listing = lambda: run("exec", "--", "ls", "-a", "mllm-jax/runs").stdout  # noqa: E731
+        before = listing()
         disk = run("launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket), "--recover")
         assert disk.returncode == 2 and "on the VM's own disk, which a preemption loses" in disk.stderr, disk.stderr
-        assert not (repo / ".mllm" / "watch").exists()  # refused before anything started
-        assert "no runs yet" in run("status").stderr
+        assert listing() == before and not disk.stdout  # refused before anything was synced or started
         out = tmp_path / "recover.out"
         with open(out, "w") as f:
             proc = subprocess.Popen([MLLM, "launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket),
