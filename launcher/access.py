@@ -65,14 +65,11 @@ def ssh_keys_with(metadata: str, user: str, public_key: str) -> str | None:
 
 
 def os_login_in_force(node: tpu_v2.Node, project: str) -> bool:
-    """The node's `enable-oslogin` metadata, else the project's (Compute Engine's rule)."""
-    value = node.metadata.get(cloud.OS_LOGIN_KEY)
-    if value is not None:
-        return value.strip().upper() == "TRUE"
+    """The node's `enable-oslogin` metadata, else the project's (compute.os_login_in_force)."""
     from launcher import compute
 
     try:
-        return compute.os_login_in_force(project)
+        return compute.os_login_in_force(project, dict(node.metadata))
     except LauncherError as e:  # reading project metadata needs compute.projects.get, which not every role has
         print(f"warning: cannot tell whether OS Login is on for {project} ({e}); logging in with a metadata key",
               file=sys.stderr)

@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import google.auth.exceptions
@@ -256,16 +256,16 @@ class Zone:
         node = tpu_v2.Node(
             accelerator_type=req.accelerator_type,
             runtime_version=req.version,
-            network_config=tpu_v2.NetworkConfig(enable_external_ips=req.external_ip, network=req.network or "",
-                                                subnetwork=req.subnetwork or ""),
+            network_config=tpu_v2.NetworkConfig(enable_external_ips=req.net.external_ip, network=req.net.network or "",
+                                                subnetwork=req.net.subnetwork or ""),
             scheduling_config=tpu_v2.SchedulingConfig(spot=spot),
             labels={"created-by": "mllm"},
-            tags=list(req.tags),
+            tags=list(req.net.tags),
             metadata={OS_LOGIN_KEY: "TRUE"} if req.os_login else {SSH_KEYS: f"root:{ssh_public_key}",
                                                                   OS_LOGIN_KEY: "FALSE"},
         )
-        if req.service_account:
-            node.service_account = tpu_v2.ServiceAccount(email=req.service_account, scope=list(req.scopes))
+        if req.net.service_account:
+            node.service_account = tpu_v2.ServiceAccount(email=req.net.service_account, scope=list(req.net.scopes))
         return node
 
     def create_request(self, name: str, node: tpu_v2.Node) -> Request:
@@ -459,12 +459,7 @@ class VmRequest:
     queued: bool
     reservation: str | None
     valid_for: datetime.timedelta | None
-    network: str | None = None
-    subnetwork: str | None = None
-    external_ip: bool = True
-    tags: tuple[str, ...] = ()
-    service_account: str | None = None
-    scopes: tuple[str, ...] = DEFAULT_SCOPES
+    net: Network = field(default_factory=Network)
     os_login: bool = False
     """Log in as the user's OS Login account (its key imported through the OS Login API) instead
     of root with a metadata key; off by default (the VM's metadata says enable-oslogin=FALSE)."""
@@ -484,20 +479,32 @@ class VmRequest:
         name = check_name(name or f"mllm-{accelerator_type}-{time.strftime('%y%m%d%H%M%S', time.gmtime())}")
         capacity = "reserved" if reserved else "guaranteed" if guaranteed or not spot else "spot"
         return cls(name, accelerator_type, runtime_version(accelerator_type, version), capacity, queued, reserved,
-                   parse_duration(valid_for, "--valid-for") if valid_for else None, net.network, net.subnetwork,
-                   net.external_ip, net.tags, net.service_account, net.scopes, os_login)
+                   parse_duration(valid_for, "--valid-for") if valid_for else None, net, os_login)
 
     @classmethod
     def of_node(cls, node: tpu_v2.Node, qr: tpu_v2.QueuedResource | None) -> VmRequest:
         """The request that makes this node again (what the supervisor records before a preemption)."""
         capacity = ("reserved" if qr is not None and qr.reservation_name else
                     "spot" if (qr is not None and "spot" in qr) or node.scheduling_config.spot else "guaranteed")
-        net = node.network_config
+        config = node.network_config
+        net = Network(config.network or None, config.subnetwork or None, bool(config.enable_external_ips),
+                      tuple(node.tags), node.service_account.email or None,
+                      tuple(node.service_account.scope) or DEFAULT_SCOPES)
         return cls(node.name.rsplit("/", 1)[-1], node.accelerator_type, node.runtime_version, capacity, qr is not None,
-                   qr.reservation_name if qr is not None and qr.reservation_name else None, None,
-                   net.network or None, net.subnetwork or None, bool(net.enable_external_ips), tuple(node.tags),
-                   node.service_account.email or None, tuple(node.service_account.scope) or DEFAULT_SCOPES,
+                   qr.reservation_name if qr is not None and qr.reservation_name else None, None, net,
                    node.metadata.get(OS_LOGIN_KEY, "").upper() == "TRUE")
+
+    def record(self) -> dict[str, Any]:
+        """The request as the watch plan keeps it (JSON; valid_for is not kept: a recreate does not queue)."""
+        return {**asdict(self), "valid_for": None}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> VmRequest:
+        """A request from its `record()`."""
+        net = record.get("net") or {}
+        return cls(**{**record, "valid_for": None,
+                      "net": Network(**{**net, "tags": tuple(net.get("tags", ())),
+                                        "scopes": tuple(net.get("scopes", DEFAULT_SCOPES))})})
 
     def describe(self, zone: str, created: tpu_v2.Node | None) -> str:
         if created is None:

@@ -193,11 +193,10 @@ class Cluster:
             bucket = None  # the config's own directory wins
         elif bucket:
             bucket = check_bucket(bucket)
-        checkpoints = own_dir or (f"{bucket}/<run id>/{contracts.CHECKPOINTS_DIR}" if bucket else None)
         if durable and not self.is_local:
             from launcher import watch
 
-            watch.check_durable(checkpoints)
+            watch.check_durable(own_dir or (bucket_checkpoints(bucket, "<run id>") if bucket else None))
         if run_preflight and self.accelerator_type:
             preflight.gate(recipe, config, list(overrides), self.accelerator_type)
         if resume and resume_if_any:  # the supervisor's relaunch: the trainer decides (no checkpoint: step 0)
@@ -224,7 +223,7 @@ class Cluster:
             remote.probe_bucket(self.targets[0], bucket, env_file, self.service_account)
         run_id = resumed or contracts.run_id(recipe, sha)
         if bucket:
-            overrides = [*overrides, f"train.checkpoint_dir={bucket}/{run_id}/{contracts.CHECKPOINTS_DIR}"]
+            overrides = [*overrides, f"train.checkpoint_dir={bucket_checkpoints(bucket, run_id)}"]
         coordinator = (f"{self.internal_ips[self.targets[0].index]}:{contracts.COORDINATOR_PORT}"
                        if not self.is_local else None)
         spec = jobs.LaunchSpec(recipe, config_arg, list(overrides), run_id, env_file, coordinator, len(self.targets),
@@ -248,7 +247,7 @@ class Cluster:
             # the launch must still be created again the same way.
             boot = remote.bootstrap_record(self.conns, self.workers[0]) if self.conns is not None else None
             watch.record_launch(run_id, recipe, config_arg, list(overrides), sha, self.vm, self.zone, self.project,
-                                env_file, boot, checkpoints)
+                                env_file, boot, own_dir or (bucket_checkpoints(bucket, run_id) if bucket else None))
         return Run(self, run_id)
 
     def _resumable(self, resume: str, resolved: dict, bucket: str | None) -> str:
@@ -261,7 +260,7 @@ class Cluster:
         run_id = jobs.latest_run(t) if resume == contracts.LATEST else resume
         run = jobs.run_path(run_id)
         directory = ((resolved.get("train") or {}).get("checkpoint_dir")
-                     or (f"{bucket}/{run_id}/{contracts.CHECKPOINTS_DIR}" if bucket else f"{run}/{contracts.CHECKPOINTS_DIR}"))
+                     or (bucket_checkpoints(bucket, run_id) if bucket else f"{run}/{contracts.CHECKPOINTS_DIR}"))
         if "://" in directory:
             return run_id
         if not directory.startswith("/") and t.sh(f"test -d {t.repo}/{run}")[0]:
@@ -333,6 +332,11 @@ def check_bucket(url: str) -> str:
         raise LauncherError(f"--bucket {url!r}: expected gs://BUCKET or gs://BUCKET/PREFIX (lowercase bucket name; "
                             "letters, digits, '.', '_', '-' and '/' in the prefix)")
     return url.rstrip("/")
+
+
+def bucket_checkpoints(bucket: str, run_id: str) -> str:
+    """Where `--bucket` puts a run's checkpoints."""
+    return f"{bucket}/{run_id}/{contracts.CHECKPOINTS_DIR}"
 
 
 def _checked_head(t: jobs.Target) -> str:

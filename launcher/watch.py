@@ -431,7 +431,7 @@ def _complete(plan: Plan, z: cloud.Zone, connect: Callable[[], Any]) -> None:
         if node is None:
             raise LauncherError(f"TPU VM {plan.vm} is gone: the supervisor must first see it to learn how to "
                                 "create it again")
-        plan.vm_request = {**asdict(cloud.VmRequest.of_node(node, z.find_queued(plan.vm))), "valid_for": None}
+        plan.vm_request = cloud.VmRequest.of_node(node, z.find_queued(plan.vm)).record()
         save(plan)
     if plan.bootstrap is None:
         with connect() as c:
@@ -443,7 +443,7 @@ def _recreate(plan: Plan, z: cloud.Zone, timing: Timing) -> None:
     """Delete what is left of the VM, then create it again with the same spec; capacity errors
     back off and try again (CREATE_ATTEMPTS in all). A queued resource of ours still in the queue
     is waited for, never deleted and queued again: that would lose its place."""
-    req = cloud.VmRequest(**{**plan.vm_request, "valid_for": None})
+    req = cloud.VmRequest.from_record(plan.vm_request)
     delay, attempt = timing.backoff, 0
     while True:
         qr = z.find_queued(plan.vm) if req.queued else None

@@ -157,19 +157,25 @@ def test_suspended_queued_resource_is_recreated_and_the_run_completes_bit_exactl
         assert created.returncode == 0, created.stderr
         assert run("bootstrap", "--python", sys.executable).returncode == 0
         assert run("exec", "--", "rm", "-f", "/root/.env").returncode == 0  # what the supervisor of a test before pushed
+        # The job killed on a live VM (as the OOM killer would): no exit file, status `lost`. Each
+        # worker kills its own job itself, the moment the first checkpoint is complete (orbax
+        # renames its directory to the step) or the next save begins. The killer starts before the
+        # launch: a step takes milliseconds, so one sent after seeing the checkpoint, or even after
+        # the launch returned, could come after the run's end. (This module's tests run one at a
+        # time: the only live job on these workers is this one.)
+        ckpt = bucket / "ckpt"
+        kill = (f'until [ -d {ckpt}/10 ] || ls {ckpt} 2>/dev/null | grep -q "^[2-4]0"; do sleep 0.005; done; '
+                'for f in ~/mllm-jax/runs/*/worker-*.pid; do case "$f" in */latest/*) continue;; esac; '
+                'kill -0 "-$(cat "$f")" 2>/dev/null || continue; '
+                'kill -9 "-$(cat "$f")" && echo "killed $f"; done')
+        killer = subprocess.Popen([MLLM, "exec", "--", "sh", "-c", kill], cwd=repo, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
         launched = run("launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket),
                        "--set", f"train.checkpoint_dir={bucket / 'ckpt'}")
         assert launched.returncode == 0, launched.stdout + launched.stderr
         run_id = launched.stdout.split("run ")[-1].split(":")[0]
-        # The job killed on a live VM (as the OOM killer would): no exit file, status `lost`. Each
-        # worker kills its own job itself, the moment the first checkpoint is complete (orbax
-        # renames its directory to the step) or the next save begins: a step takes milliseconds,
-        # so a kill sent from here after seeing the checkpoint could come after the run's end.
-        ckpt = bucket / "ckpt"
-        kill = (f'until [ -d {ckpt}/10 ] || ls {ckpt} | grep -q "^20"; do sleep 0.005; done; '
-                f'for f in ~/mllm-jax/runs/{run_id}/worker-*.pid; do kill -9 "-$(cat "$f")"; done')
-        killed = run("exec", "--", "sh", "-c", kill)
-        assert killed.returncode == 0, killed.stdout
+        killed, _ = killer.communicate(timeout=300)
+        assert killer.returncode == 0 and killed.count(f"killed /root/mllm-jax/runs/{run_id}/") == 2, killed
         states = lambda: [w["state"] for w in json.loads(run("status", "--json").stdout)["workers"]]  # noqa: E731
         assert states() == ["lost", "lost"]
         # Room for one more restart than the test makes: under CI's load a 2-process CPU job can miss
