@@ -164,7 +164,8 @@ def test_suspended_queued_resource_is_recreated_and_the_run_completes_bit_exactl
         # the launch returned, could come after the run's end. (This module's tests run one at a
         # time: the only live job on these workers is this one.)
         ckpt = bucket / "ckpt"
-        kill = (f'until [ -d {ckpt}/10 ] || ls {ckpt} 2>/dev/null | grep -q "^[2-4]0"; do sleep 0.005; done; '
+        kill = (f'i=0; until [ -d {ckpt}/10 ] || ls {ckpt} 2>/dev/null | grep -q "^[2-4]0" || [ $i -gt 20000 ]; '
+                'do sleep 0.005; i=$((i+1)); done; '
                 'for f in ~/mllm-jax/runs/*/worker-*.pid; do case "$f" in */latest/*) continue;; esac; '
                 'kill -0 "-$(cat "$f")" 2>/dev/null || continue; '
                 'kill -9 "-$(cat "$f")" && echo "killed $f"; done')
@@ -174,7 +175,10 @@ def test_suspended_queued_resource_is_recreated_and_the_run_completes_bit_exactl
                        "--set", f"train.checkpoint_dir={bucket / 'ckpt'}")
         assert launched.returncode == 0, launched.stdout + launched.stderr
         run_id = launched.stdout.split("run ")[-1].split(":")[0]
-        killed, _ = killer.communicate(timeout=300)
+        try:
+            killed, _ = killer.communicate(timeout=300)
+        finally:
+            killer.kill()
         assert killer.returncode == 0 and killed.count(f"killed /root/mllm-jax/runs/{run_id}/") == 2, killed
         states = lambda: [w["state"] for w in json.loads(run("status", "--json").stdout)["workers"]]  # noqa: E731
         assert states() == ["lost", "lost"]
