@@ -196,7 +196,12 @@ cat > {run}/{worker_file(k, "sh")}
 {_CLEAR_STALE_TPU_LOCK}
 ln -sfn {spec.run_id} {RUNS}/{contracts.LATEST}
 setsid nohup sh {run}/{worker_file(k, "sh")} {">>" if spec.resume else ">"} {run}/{worker_log(k)} 2>&1 < /dev/null 9>&- &
-echo $! > {run}/{worker_file(k, "pid")}""", stdin=job_script(t, spec, process_id))
+pid=$!
+echo $pid > {run}/{worker_file(k, "pid")}
+# Hold the lock until the job's own process group exists (setsid has run): the liveness checks
+# look for the group, so a launch that came in earlier would see no job and start a second one.
+i=0; while ! kill -0 -$pid 2>/dev/null && kill -0 $pid 2>/dev/null && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done""",
+             stdin=job_script(t, spec, process_id))
     if code == BUSY_EXIT:
         what = next((line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("MLLM_BUSY ")), "busy")
         raise LauncherError(f"{t.label}: not started, a job is already there ({what}): `mllm stop` it or pass --force")
