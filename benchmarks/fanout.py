@@ -39,7 +39,7 @@ def main() -> None:
 
         nodes = lambda name, t: [{"ip": h.ip, "host_keys": {h.host_key_type: h.host_public_key_line}} for h in hosts]  # noqa: E731
         with FakeTpuApi(nodes, on_create=authorize, op_delay=0.1) as api:
-            env = {**os.environ, "MLLM_TPU_API_ENDPOINT": api.endpoint, "MLLM_PROJECT": "bench",
+            env = {**os.environ, "MLLM_TPU_API_ENDPOINT": api.endpoint, "MLLM_PROJECT": "bench-project",
                    "XDG_CONFIG_HOME": f"{tmp}/config"}
             run = lambda *a: subprocess.run([MLLM, *a], cwd=tmp, env=env, capture_output=True, text=True, check=True)  # noqa: E731
             run("vm", "create", "bench", "--zone", "us-east1-d", "--type", "v6e-64")
@@ -68,7 +68,7 @@ def main() -> None:
             os.environ.update(env)
             from launcher import cloud, keys, ssh
 
-            z = cloud.Zone("bench", "us-east1-d", cloud.make_client())
+            z = cloud.Zone("bench-project", "us-east1-d", cloud.make_client())
             host_keys = z.host_keys("bench")
             w = ssh.Worker(0, hosts[0].ip, host_keys=host_keys[0])
             key_file, _ = keys.ensure_key()

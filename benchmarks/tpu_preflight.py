@@ -2,7 +2,7 @@
 work of issue 12 (chunked cross entropy, scanned decoder layers), in one table: per-chip HBM,
 compile seconds, XLA's estimated step time and MFU (the cost model's, not a measurement).
 
-    python benchmarks/tpu_preflight.py [--type v6e-8] [--layers 28]
+    python benchmarks/tpu_preflight.py [--type v6e-8] [--layers 28] [--only NAME ...]
 
 The sft model is Qwen2.5-1.5B-Instruct's shapes (config.json values, no weights: nothing is
 downloaded); its SID index is taken as absent, so the vocabulary is config.json's 151,936.
@@ -46,6 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--type", default="v6e-8")
     parser.add_argument("--layers", type=int, default=28, help="decoder layers of the sft model (28 = full size)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", choices=sorted({v[0] for v in VARIANTS}),
+                        help="only these configs (the sft ones compile for minutes on a CPU)")
     args = parser.parse_args()
     from mllm_jax.models.tiny import write_shapes_model
 
@@ -54,6 +56,8 @@ def main() -> None:
               "nanogpt": [f"data.path={SHAKESPEARE}"]}
     rows = []
     for name, variant, recipe, config, sets in VARIANTS:
+        if args.only and name not in args.only:
+            continue
         r = preflight(recipe, config, common[recipe] + sets, args.type)
         for p in r["programs"]:
             e = p.get("estimate") or {}

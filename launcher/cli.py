@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from launcher import state
-from launcher.errors import LauncherError
+from launcher.errors import Interrupted, LauncherError
 from mllm_jax import __version__, contracts
 
 if TYPE_CHECKING:  # imported lazily at run time: `mllm --help` stays fast
@@ -28,6 +29,7 @@ app.add_typer(vm_app, name="vm")
 
 def run() -> None:
     """Console entry point: launcher errors are one line on stderr and exit code 2."""
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
     except LauncherError as e:
@@ -35,6 +37,14 @@ def run() -> None:
 
         print(f"error: {printable(str(e))}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted:
+        print("interrupted: stopped here and on the workers (a job already launched goes on: `mllm status`)",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted
 
 
 def _version(value: bool) -> None:
@@ -146,7 +156,7 @@ def vm_create(
         created = z.create_vm(req, keys.ensure_key()[1], timeout, poll, wait=not no_wait,
                               on_accepted=lambda: (state.remember(vm=req.name, zone=z.zone, project=z.project),
                                                    state.mark_created(z.project, z.zone, req.name)))
-    except KeyboardInterrupt:
+    except Interrupted:
         typer.echo(f"stopped waiting; {req.name} stays queued (remove it with `mllm vm delete {req.name}`)", err=True)
         raise typer.Exit(130)
     typer.echo(req.describe(z.zone, created))
@@ -381,6 +391,10 @@ def launch_cmd(
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN",
                                          help="Continue RUN (or `latest`) from its last checkpoint: same run id, "
                                               "W&B run and metrics.jsonl."),
+    allow_config_change: list[str] = typer.Option(
+        [], "--allow-config-change", metavar="KEY",
+        help="With --resume: let KEY (a setting or section) differ from the checkpoint's although it changes the "
+             "model, data or numerics (repeatable)."),
     bucket: Optional[str] = typer.Option(None, "--bucket", metavar="gs://BUCKET[/PREFIX]",
                                          help="Checkpoints in BUCKET/<run id>/checkpoints unless the config names "
                                               "train.checkpoint_dir (default: $MLLM_BUCKET, else the last one used)."),
@@ -398,6 +412,8 @@ def launch_cmd(
         raise LauncherError("--recover supervises a TPU VM; it does not apply to --local")
     if resume is not None and not resume.strip():
         raise LauncherError("--resume '': expected a run id or `latest` (an unset shell variable?)")
+    if allow_config_change and resume is None:
+        raise LauncherError("--allow-config-change: only with --resume (a new run has nothing to differ from)")
     if follow_logs:
         from launcher import ssh
 
@@ -410,7 +426,8 @@ def launch_cmd(
         bucket = state.resolve("bucket", bucket, "--bucket", required=False)
     with _cluster(vm, zone, project, worker, internal_ip, user, local, ssh_proxy) as c:
         run = c.launch(recipe, config, list(overrides), env_file, not no_sync, include_dirty, force, not no_preflight,
-                       resume, bucket, durable=recover and not allow_restart_from_zero)
+                       resume, bucket, durable=recover and not allow_restart_from_zero,
+                       allow_config_change=tuple(allow_config_change))
         if bucket:
             state.remember(bucket=bucket)
         where = " --local" if local else ""
@@ -443,7 +460,7 @@ def _watch(run_id: str, max_recoveries: Optional[int], restart_on_failure: Optio
     watch.save(plan)
     try:
         return watch.watch(run_id, timing)
-    except KeyboardInterrupt:
+    except Interrupted:
         typer.echo(f"stopped watching {run_id}; the run goes on (`mllm watch {run_id}` picks it up again)", err=True)
         return 130
 

@@ -28,7 +28,11 @@ import yaml
 from launcher import access, cloud, jobs, preflight, remote, runs, ssh, state, sync
 from launcher.errors import LauncherError
 from mllm_jax import contracts
+from mllm_jax.config import ConfigError, check_keys
 
+
+class NothingToResume(LauncherError):
+    """`--resume` of a run with no complete checkpoint where its checkpoints go."""
 
 
 @dataclass
@@ -167,7 +171,8 @@ class Cluster:
     def launch(self, recipe: str, config: str, overrides: list[str] = (), env_file: str | None = None,
                sync_first: bool = True, include_dirty: bool = False, force: bool = False,
                run_preflight: bool = True, resume: str | None = None, bucket: str | None = None,
-               recoveries: int = 0, resume_if_any: bool = False, durable: bool = False) -> Run:
+               recoveries: int = 0, resume_if_any: bool = False, durable: bool = False,
+               allow_config_change: tuple[str, ...] = ()) -> Run:
         """Start `python -m mllm_jax train RECIPE` detached, one process per selected worker
         (coordinator = the first), after syncing and bringing each venv up to date. On a VM the
         config is first compiled for its TPU type (preflight) and refused if it cannot fit,
@@ -184,10 +189,17 @@ class Cluster:
         count, for run_summary.json; `resume_if_any`: its relaunch, from step 0 when the run was
         preempted before its first checkpoint. `durable`: refuse (before anything starts) a run
         whose checkpoints would be on the VM's own disk, which a preemption loses (`--recover`).
+        `allow_config_change`: with `resume`, settings that may differ from the checkpoint's.
 
         On a VM the launch is recorded in .mllm/watch/<run id>.json for `mllm watch`."""
         config_arg, sha = self._config_and_sha(config)
         resolved = check_config(recipe, config, list(overrides))
+        try:
+            check_keys(resolved, allow_config_change, "--allow-config-change")
+        except ConfigError as e:
+            raise LauncherError(str(e)) from None
+        if not self.is_local:
+            check_worker_paths(resolved)
         own_dir = (resolved.get("train") or {}).get("checkpoint_dir")
         if own_dir:
             bucket = None  # the config's own directory wins
@@ -227,7 +239,8 @@ class Cluster:
         coordinator = (f"{self.internal_ips[self.targets[0].index]}:{contracts.COORDINATOR_PORT}"
                        if not self.is_local else None)
         spec = jobs.LaunchSpec(recipe, config_arg, list(overrides), run_id, env_file, coordinator, len(self.targets),
-                               resume=bool(resume), resume_if_any=resume_if_any, recoveries=recoveries)
+                               resume=bool(resume), resume_if_any=resume_if_any, recoveries=recoveries,
+                               allow_config_change=allow_config_change)
         started: list[jobs.Target] = []
         try:
             for process_id, t in enumerate(self.targets):
@@ -266,7 +279,7 @@ class Cluster:
         if not directory.startswith("/") and t.sh(f"test -d {t.repo}/{run}")[0]:
             raise LauncherError(f"--resume {resume}: no run {run_id} on {t.label}")
         if not jobs.checkpoint_steps(t, directory):
-            raise LauncherError(f"--resume {resume}: run {run_id} has no complete checkpoint in {directory} on "
+            raise NothingToResume(f"--resume {resume}: run {run_id} has no complete checkpoint in {directory} on "
                                 f"{t.label}; nothing to resume (launch it afresh)")
         return run_id
 
@@ -321,6 +334,24 @@ def check_config(recipe: str, config: str, overrides: list[str]) -> dict:
         error = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "")
         raise LauncherError(f"--config {config}: {error.removeprefix('error: ')}")
     return yaml.safe_load(out.stdout) or {}
+
+
+_INPUT_KEY = re.compile(r"(^|_)(path|file)$|^base_model$")
+"""Config keys that name something the job reads (data, an index, a model directory)."""
+
+
+def check_worker_paths(resolved: dict, where: str = "") -> None:
+    """Refuse a relative input path that leaves the repository: the job runs in the synced repo
+    on each worker, where `../shared/data` (a path that works on this laptop) does not exist."""
+    for key, value in resolved.items():
+        name = f"{where}{key}"
+        if isinstance(value, dict):
+            check_worker_paths(value, f"{name}.")
+        elif (isinstance(value, str) and _INPUT_KEY.search(str(key)) and "://" not in value
+              and not value.startswith("/") and os.path.normpath(value).split(os.sep)[0] == ".."):
+            raise LauncherError(f"{name} {value!r}: a relative path outside the repository, which is not synced to "
+                                "the workers (they run in their copy of it); give the path on the workers as an "
+                                "absolute one, or put the file under the repository")
 
 
 _BUCKET = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9._/-]*)?$")

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from launcher import readback, ssh
 from launcher.errors import LauncherError
@@ -142,6 +142,8 @@ class LaunchSpec:
     """With `resume`: the trainer's --resume-if-any (no checkpoint yet: start from step 0)."""
     recoveries: int = 0
     """Times the supervisor recreated the VM for this run ($MLLM_RECOVERIES, in run_summary.json)."""
+    allow_config_change: tuple[str, ...] = ()
+    """With `resume`: the trainer's --allow-config-change KEY for each."""
 
 
 BUSY_EXIT = 75
@@ -161,6 +163,8 @@ def job_script(t: Target, spec: LaunchSpec, process_id: int) -> str:
         train += ["--env-file", shlex.quote(spec.env_file)]
     if spec.resume:
         train.append("--resume-if-any" if spec.resume_if_any else "--resume")
+        for key in spec.allow_config_change:
+            train += ["--allow-config-change", shlex.quote(key)]
     env = f"export {contracts.ENV_RECOVERIES}={spec.recoveries}\n" if spec.recoveries else ""
     if spec.num_processes > 1:
         env += (f"export {contracts.ENV_COORDINATOR}={shlex.quote(spec.coordinator or '')} "
@@ -227,6 +231,8 @@ class WorkerStatus:
     """running | exited N | lost | missing"""
     last_step: int | None
     last_line: str
+    checkpoint: int | None = None
+    """The latest complete checkpoint's step, as the trainer last logged it (contracts: metrics.jsonl)."""
 
 
 def status(t: Target, run_id: str) -> WorkerStatus:
@@ -248,16 +254,24 @@ exit 0""")
     if head.startswith("EXITED"):
         exit_text = head[len("EXITED"):].strip()
         state = f"exited {int(exit_text)}" if re.fullmatch(r"-?\d{1,4}", exit_text) else "lost"
-    step = None
+    step = checkpoint = None
     for line in lines:
         if line.startswith("STEP "):
             try:
-                found = json.loads(line[5:]).get("step")
-            except (ValueError, AttributeError):
-                found = None
-            step = found if isinstance(found, int) and not isinstance(found, bool) and found >= 0 else None
+                event = json.loads(line[5:])
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                step, checkpoint = _count(event.get("step")), _count(event.get("checkpoint/step"))
     last = next((line[5:] for line in lines if line.startswith("LAST ")), "")
-    return WorkerStatus(k, state or "lost", step, readback.printable(last))
+    return WorkerStatus(k, state or "lost", step, readback.printable(last), checkpoint)
+
+
+def _count(value: Any) -> int | None:
+    """A step number from a worker's metrics line, or None for anything else (e.g. "x", true, -1)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def follow(t: Target, run_id: str, on_line: Callable[[str], None], from_line: int = 1,

@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 
 import paramiko
 
-from launcher.errors import LauncherError
+from launcher.errors import Interrupted, LauncherError
 
 T = TypeVar("T")
 KEEPALIVE_SEC = 15
@@ -244,27 +244,49 @@ def run(conns: Connections, w: Worker, command: str, on_line: Callable[[str], No
     status), drops the worker's connection and raises ConnectionLost; only complete lines are
     passed on (a last line without a newline is not), so a caller can count what it got."""
     sink = on_line or (lambda line: emit(w.label, line))
+    if stdin is None:
+        command = guarded(command)
+    client = conns.client(w)
     if idle_timeout is None:
-        chan = conns.client(w).get_transport().open_session()
+        chan = client.get_transport().open_session()
         chan.set_combine_stderr(True)
         chan.exec_command(command)
         if stdin is not None:
             chan.sendall(stdin)
             chan.shutdown_write()
     else:
-        client = conns.client(w)
         try:
             chan = client.get_transport().open_session()
             chan.exec_command(command)
         except (*TRANSPORT_ERRORS, AttributeError) as e:  # AttributeError: no transport any more
             conns.drop(w, client)
             raise ConnectionLost(f"cannot start the command: {e or type(e).__name__}") from None
+    try:
+        return _read(conns, w, client, chan, sink, cancel, idle_timeout)
+    finally:
+        chan.close()  # its input closes: after an interrupt, that ends the command on the worker
+
+
+def guarded(command: str) -> str:
+    """`command` in its own process group on the worker, ended (TERM to the group) when the
+    channel's input closes: the laptop closed the channel, was interrupted or killed, or its
+    connection dropped. Without a pty, sshd signals nothing itself, so an interrupted install or
+    `exec` would otherwise run on as an orphan. A job a command starts in a session of its own
+    (`mllm launch`) is not in the group and goes on. The channel's input is kept on fd 3: an
+    asynchronous command's stdin is /dev/null in a non-interactive shell."""
+    return (f"exec 3<&0; setsid sh -c {shlex.quote(command)} </dev/null 3<&- & p=$!; "
+            "(cat <&3 >/dev/null 2>&1; kill -TERM -$p || kill -TERM $p) >/dev/null 2>&1 & w=$!; exec 3<&-; "
+            "wait $p; code=$?; kill $w 2>/dev/null; exit $code")
+
+
+def _read(conns: Connections, w: Worker, client: paramiko.SSHClient, chan: paramiko.Channel,
+          sink: Callable[[str], None], cancel: threading.Event | None, idle_timeout: float | None) -> int:
     chan.settimeout(0.2)
     pending = b""
     heard = time.monotonic()
     # Read to EOF, not to the exit status: sshd may report the exit before the last output.
     while True:
-        if cancel is not None and cancel.is_set():
+        if (cancel is not None and cancel.is_set()) or _interrupted.is_set():
             chan.close()
             return 130
         if idle_timeout is not None:
@@ -308,11 +330,24 @@ def capture(conns: Connections, w: Worker, command: str, stdin: bytes | None = N
     return code, "\n".join(lines)
 
 
+_interrupted = threading.Event()
+"""Set while an interrupted fan-out winds down: every command reading its output stops (which
+ends it on its worker, see `guarded`) instead of running to its end."""
+
+
 def fan_out(workers: list[Worker], fn: Callable[[Worker], T]) -> dict[int, T]:
-    """fn(worker) on every worker in parallel; results by worker index."""
-    with ThreadPoolExecutor(max_workers=max(1, len(workers))) as pool:
+    """fn(worker) on every worker in parallel; results by worker index. Interrupted (Ctrl-C in
+    the main thread), it stops every worker's command before it raises."""
+    pool = ThreadPoolExecutor(max_workers=max(1, len(workers)))
+    try:
         futures = {w.index: pool.submit(fn, w) for w in workers}
         return {i: f.result() for i, f in futures.items()}
+    except (Interrupted, KeyboardInterrupt):
+        _interrupted.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _interrupted.clear()
 
 
 def exec_all(conns: Connections, workers: list[Worker], command: str, fail_fast: bool = False) -> int:

@@ -210,8 +210,14 @@ def _remote(conns: Connections, w: Worker, script: str, what: str) -> dict[str, 
             marks[key] = value
     if code != 0:
         reason = marks.get("MLLM_ERROR") or _one_line(out)
+        if any(words in out for words in NO_SPACE):
+            raise LauncherError(f"no space left on worker {w.index} ({w.host}): {what} failed: {reason}")
         raise LauncherError(f"worker {w.index} ({w.host}): {what} failed (exit {code}): {reason}")
     return marks
+
+
+NO_SPACE = ("No space left on device", "Out of diskspace")
+"""How a full disk shows in a worker's output: strerror(ENOSPC), and git's own words for it."""
 
 
 # Creates the repo if missing and reports what the worker has. Refuses `/`, the home directory,
@@ -233,6 +239,7 @@ tmp=$(mktemp "$gitdir/mllm-sync.XXXXXX")
 echo "MLLM_HERE $here"
 echo "MLLM_SYNCED $synced"
 echo "MLLM_TMP $tmp"
+echo "MLLM_FREE_KIB $(df -Pk . | awk 'NR==2 {{print $4}}')"
 """
 
 _APPLY = r"""set -e
@@ -267,12 +274,13 @@ def _sync(conns: Connections, w: Worker, repo: Path, sha: str, remote_dir: str, 
 
     sent = 0
     if bundle is not None:
-        sftp = conns.client(w).open_sftp()
-        try:
-            sftp.put(str(bundle), tmp)
-        finally:
-            sftp.close()
         sent = bundle.stat().st_size
+        free = marks.get("MLLM_FREE_KIB", "").strip()
+        if free.isdigit() and int(free) * 1024 < 2 * sent:  # the bundle, then the objects fetched from it
+            _remove(conns, w, tmp)
+            raise LauncherError(f"no space left on worker {w.index} ({w.host}): {here} has {int(free):,} KiB free, "
+                                f"and syncing {sha[:12]} needs about {2 * sent // 1024:,} KiB; free some space there")
+        _put(conns, w, bundle, tmp, here)
         update = f"git fetch -q --no-tags {shlex.quote(tmp)} {shlex.quote(f'+{BUNDLE_REF}:{SYNCED_REF}')}"
     else:
         update = f"git update-ref {SYNCED_REF} {sha}"
@@ -281,6 +289,31 @@ def _sync(conns: Connections, w: Worker, repo: Path, sha: str, remote_dir: str, 
     marks = _remote(conns, w, script, f"checking out {sha[:12]} in {here}")
     return SyncResult(worker=w.index, sha=marks.get("MLLM_HEAD", "").strip(), bytes_sent=sent,
                       seconds=time.perf_counter() - start, full=full)
+
+
+def _put(conns: Connections, w: Worker, bundle: Path, tmp: str, here: str) -> None:
+    """Upload the bundle to `tmp`; a failed upload (a disk that filled up meanwhile, a dropped
+    connection) is removed again, not left to fill the worker's disk."""
+    try:
+        sftp = conns.client(w).open_sftp()
+        try:
+            sftp.put(str(bundle), tmp)
+        finally:
+            sftp.close()
+    except (paramiko.SSHException, OSError, EOFError) as e:
+        try:
+            _remove(conns, w, tmp)
+            code, free = ssh.capture(conns, w, f"df -Pk {shlex.quote(here)} | awk 'NR==2 {{print $4}}'")
+        except (paramiko.SSHException, OSError, EOFError):
+            raise LauncherError(f"worker {w.index} ({w.host}): sync failed: {type(e).__name__}: {e}") from None
+        if not code and free.strip().isdigit() and int(free.strip()) * 1024 < bundle.stat().st_size:
+            raise LauncherError(f"no space left on worker {w.index} ({w.host}): uploading the commit to {here} "
+                                f"failed with {int(free.strip()):,} KiB free; free some space there") from None
+        raise
+
+
+def _remove(conns: Connections, w: Worker, tmp: str) -> None:
+    ssh.capture(conns, w, f"rm -f -- {shlex.quote(tmp)}")
 
 
 def _sync_named(conns: Connections, w: Worker, repo: Path, sha: str, remote_dir: str, bundles: _Bundles) -> SyncResult:

@@ -35,11 +35,11 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from launcher import access, cloud, keys, remote, runs, ssh, state
+from launcher import access, cloud, jobs, keys, remote, runs, ssh, state
 from launcher.errors import LauncherError
 from mllm_jax import contracts
 
@@ -92,6 +92,9 @@ class Plan:
     """Where the run's checkpoints go (None: its run dir on the VM), as the launch resolved it."""
     allow_restart_from_zero: bool = False
     """Supervise it although its checkpoints die with the VM (a recovery then starts over)."""
+    checkpoint: int | None = None
+    """The latest complete checkpoint the supervisor has seen the job report: from then on a
+    relaunch must resume (`--resume`), and one that finds no checkpoint fails the run."""
     recoveries: int = 0
     restarts: int = 0
     status: str = "watching"
@@ -139,12 +142,16 @@ VM_DISK = ("/root", "/home/", "/tmp", "/var/tmp")
 taken as a mount the user made, e.g. Filestore)."""
 
 
+def durable(checkpoints: str | None) -> bool:
+    """Whether checkpoints there outlive the VM (a bucket, or an absolute path off its disk)."""
+    return checkpoints is not None and ("://" in checkpoints
+                                        or (checkpoints.startswith("/") and not checkpoints.startswith(VM_DISK)))
+
+
 def check_durable(checkpoints: str | None) -> None:
     """Refuse to supervise a run whose checkpoints die with the VM: its "recovery" would train
     from step 0 again and call that a success."""
-    on_disk = (checkpoints is None or ("://" not in checkpoints
-                                       and (not checkpoints.startswith("/") or checkpoints.startswith(VM_DISK))))
-    if on_disk:
+    if not durable(checkpoints):
         where = f"in {checkpoints}" if checkpoints else f"in the run dir ({contracts.RUNS_DIR}/<run id>/checkpoints)"
         raise LauncherError(f"the run's checkpoints would be {where}, on the VM's own disk, which a preemption "
                             "loses: give --bucket gs://BUCKET (or a train.checkpoint_dir on shared storage), or "
@@ -232,6 +239,8 @@ class Look:
     """running | done | failed | stopped | lost | dead | unreachable | unknown (the API failing)"""
     why: str = ""
     code: int = 0
+    checkpoint: int | None = None
+    """The latest complete checkpoint the job reported (see Plan.checkpoint)."""
 
 
 def look(z: cloud.Zone, plan: Plan, connect: Callable[[], Any]) -> Look:
@@ -275,6 +284,11 @@ def _look_job(plan: Plan, connect: Callable[[], Any]) -> Look:
             found = c.run(plan.run).status()
     except (LauncherError, ssh.ConnectionLost, *ssh.TRANSPORT_ERRORS) as e:
         return Look("unreachable", str(e) or type(e).__name__)
+    checkpoint = max((s.checkpoint for s in found.values() if s.checkpoint is not None), default=None)
+    return replace(_job_look(found), checkpoint=checkpoint)
+
+
+def _job_look(found: dict[int, jobs.WorkerStatus]) -> Look:
     states = [s.state for s in found.values()]
     if all(s == "running" for s in states):
         return Look("running")
@@ -379,6 +393,9 @@ def watch(run_id: str, timing: Timing = Timing()) -> int:
                 seen = Look("dead", f"the workers have been unreachable for "
                                     f"{time.monotonic() - unreachable_since:.0f}s ({seen.why})")
             unreachable_since = None
+            if seen.checkpoint is not None and seen.checkpoint > (plan.checkpoint or -1):
+                plan.checkpoint = seen.checkpoint
+                save(plan)
             if seen.kind == "running":
                 resuming = False
                 if plan.status != "watching":
@@ -493,6 +510,8 @@ def _relaunch(plan: Plan, connect: Callable[[], Any]) -> None:
     """Bring the run back on the VM and `--resume` it: the run's own commit synced (not this
     checkout's HEAD), the workers bootstrapped the way the first VM was, the env file pushed
     again. On a VM that kept its disk each of these finds nothing to do."""
+    from launcher.cluster import NothingToResume
+
     with connect() as c:
         c.sync(plan.commit)
         boot = plan.bootstrap or {}
@@ -505,8 +524,14 @@ def _relaunch(plan: Plan, connect: Callable[[], Any]) -> None:
             raise Unrecoverable(f"the job reads {plan.env_file}, which a VM created again does not have, and no "
                                 f"--push-env file was given; on a new VM: `mllm env push --src FILE`, `mllm launch "
                                 f"... --resume {plan.run}`, then `mllm watch {plan.run} --push-env FILE`")
-        c.launch(plan.recipe, plan.config, plan.overrides, plan.env_file, sync_first=False, force=True,
-                 run_preflight=False, resume=plan.run, recoveries=plan.recoveries, resume_if_any=True)
+        # Before its first checkpoint the run may start over; after it, it must resume (on storage
+        # the recovery cannot reach, a lost checkpoint ends the run as failed, not silently from 0).
+        from_zero_ok = plan.checkpoint is None or not durable(plan.checkpoints)
+        try:
+            c.launch(plan.recipe, plan.config, plan.overrides, plan.env_file, sync_first=False, force=True,
+                     run_preflight=False, resume=plan.run, recoveries=plan.recoveries, resume_if_any=from_zero_ok)
+        except NothingToResume as e:
+            raise Unrecoverable(f"checkpoint step {plan.checkpoint} was reported, but {e}") from None
     say(plan, f"resumed {plan.run}")
 
 

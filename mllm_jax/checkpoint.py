@@ -14,6 +14,9 @@ from mllm_jax.config import ConfigError
 
 HISTORY_KEY = "metrics"
 """In a checkpoint's custom metadata: metrics.jsonl's events up to its step."""
+CONFIG_KEY = "config"
+"""In each checkpoint's custom metadata: the resolved config it was trained with (what a
+--resume compares its own with)."""
 
 
 def space_short(directory: str, state: Any) -> str | None:
@@ -34,13 +37,15 @@ def space_short(directory: str, state: Any) -> str | None:
 class Checkpointer:
     """Thin wrapper over orbax's CheckpointManager with the run's save policy."""
 
-    def __init__(self, directory: str, every: int, keep: int, name: str = "train"):
+    def __init__(self, directory: str, every: int, keep: int, name: str = "train", config: dict | None = None):
         """`directory`: a local path or a bucket URL such as gs://bucket/run (orbax's epath).
         `name` keys this manager's cross-process barriers: orbax names them by step alone
         (`_async_write_complete.<step>`), so two managers saving one step at once (the last
         step's checkpoint and the best one, when the last evaluation is a new best) would share
-        a barrier and fail a multi-process run at its end."""
+        a barrier and fail a multi-process run at its end. `config`: the run's resolved settings,
+        saved with each checkpoint."""
         self.every = every
+        self.config = config
         self.directory = directory if "://" in directory else str(Path(directory).absolute())
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True,
@@ -55,6 +60,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def committed_step(self) -> int | None:
+        """The latest step whose save is complete (a save still being written does not count):
+        what a run killed now would resume from."""
+        steps = sorted(self.manager.all_steps())
+        if steps and self.manager.is_saving_in_progress():
+            steps = steps[:-1]
+        return steps[-1] if steps else None
+
     def maybe_save(self, step: int, state: Any, force: bool = False, history: list[dict] | None = None) -> bool:
         """Save when `step` is on the interval (or `force`); saving is asynchronous. A disk too
         full for it raises OSError(ENOSPC) before anything is written. `history` (the run's
@@ -67,13 +80,19 @@ class Checkpointer:
         short = space_short(self.directory, state)
         if short:
             raise OSError(errno.ENOSPC, f"No space left on device: {short}")
-        return self.manager.save(step, args=ocp.args.StandardSave(state), force=True,
-                                 custom_metadata={HISTORY_KEY: history} if history is not None else None)
+        metadata = {**({HISTORY_KEY: history} if history is not None else {}),
+                    **({CONFIG_KEY: self.config} if self.config is not None else {})}
+        return self.manager.save(step, args=ocp.args.StandardSave(state), force=True, custom_metadata=metadata or None)
 
     def history(self, step: int) -> list[dict] | None:
         """The metric events saved with checkpoint `step` (None: saved without them)."""
         found = (self.manager.metadata(step).custom_metadata or {}).get(HISTORY_KEY)
         return found if isinstance(found, list) else None
+
+    def recorded_config(self, step: int) -> dict | None:
+        """The resolved config checkpoint `step` was saved with (None: saved without one)."""
+        found = (self.manager.metadata(step).custom_metadata or {}).get(CONFIG_KEY)
+        return found if isinstance(found, dict) else None
 
     def check_compatible(self, step: int, like: Any) -> None:
         """Refuse, in one line and before anything is restored or written, a checkpoint whose

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import json
 import math
 import types
 import typing
@@ -223,6 +224,51 @@ def to_yaml(cfg: Any) -> str:
 
 # Where a run writes, not how it trains: left out of the hash, so equal settings share one.
 PER_RUN_KEYS = ("output_dir",)
+
+
+RESUME_MAY_CHANGE = (
+    "output_dir", "run_mode", "wandb", "sample", "eval", "jax.mesh_shape", "jax.distributed_timeout_sec",
+    "data.eval_file", "data.sample_eval", "data.test_file", "data.sample_test",
+    "train.log_every", "train.eval_every", "train.eval_iters", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.checkpoint_dir", "train.best_metric", "train.load_best_model_at_end", "train.early_stopping_patience",
+    "train.max_steps", "train.num_train_epochs",
+    "train.per_device_train_batch_size", "train.gradient_checkpointing", "train.loss_chunk_size",
+    "train.scan_layers", "train.attention",
+)
+"""Keys (and sections) a --resume may change freely: where a run writes and reports, what it
+evaluates, how long it trains, and how a step is computed (micro-batches, remat, kernels, the
+mesh) but not what it computes. Any other change (the model, the data and its order, dtypes,
+the optimizer) is refused unless the resume names it (`--allow-config-change KEY`)."""
+
+
+def resume_changes(recorded: dict[str, Any], now: dict[str, Any], allowed: tuple[str, ...] = ()) -> list[str]:
+    """`key: old -> new` for every setting that differs between the config a checkpoint was
+    saved with and this one, other than RESUME_MAY_CHANGE and `allowed`. Both are compared as
+    the checkpoint stores them (JSON: a tuple reads back as a list)."""
+    old, new = _flat(json.loads(json.dumps(recorded))), _flat(json.loads(json.dumps(now)))
+    free = RESUME_MAY_CHANGE + tuple(allowed)
+    return [f"{key}: {old.get(key, '(none)')!r} -> {new.get(key, '(none)')!r}" for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key) and not any(key == k or key.startswith(k + ".") for k in free)]
+
+
+def check_keys(settings: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
+    """Refuse a dotted key that names neither a setting nor a section of `settings` (a typo in
+    --allow-config-change must not pass as permission for nothing)."""
+    flat = _flat(settings)
+    for key in keys:
+        if key not in flat and not any(k.startswith(key + ".") for k in flat):
+            close = difflib.get_close_matches(key, list(flat), n=1)
+            raise ConfigError(f"{what} {key}: no such config key" + (f"; did you mean {close[0]}?" if close else ""))
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def config_hash(cfg: Any) -> str:

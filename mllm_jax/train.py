@@ -22,12 +22,16 @@ from mllm_jax.recipes import RECIPES
 
 
 def train(recipe: str, config: str | None = None, overrides: list[str] = (), resume: bool = False,
-          print_config: bool = False, env_file: str | None = None, resume_if_any: bool = False) -> int:
+          print_config: bool = False, env_file: str | None = None, resume_if_any: bool = False,
+          allow_config_change: tuple[str, ...] = ()) -> int:
     """Run one recipe; returns the process exit code (contracts: EXIT_OK done, EXIT_STOPPED stopped).
     Raises ConfigError for bad input, before any compute where it can be known then.
     `resume_if_any`: resume, or start from step 0 in the same run dir when there is no complete
-    checkpoint yet (how the recovery supervisor relaunches a run preempted before its first)."""
+    checkpoint yet (how the recovery supervisor relaunches a run preempted before its first).
+    `allow_config_change`: with a resume, settings that may differ from the checkpoint's."""
     resume = resume or resume_if_any
+    if allow_config_change and not resume:
+        raise ConfigError("--allow-config-change: only with --resume (a new run has nothing to differ from)")
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
     if env_file is not None and not Path(env_file).is_file():
@@ -63,7 +67,7 @@ def train(recipe: str, config: str | None = None, overrides: list[str] = (), res
     run_dir = trainer.resolve_run_dir(recipe, cfg.output_dir, resume)
     cfg.output_dir = str(run_dir)
     info = trainer.RunInfo(recipe=recipe, run_dir=run_dir, config=cfg, config_path=config, mesh=mesh, resume=resume,
-                           start_if_no_checkpoint=resume_if_any)
+                           start_if_no_checkpoint=resume_if_any, allow_config_change=tuple(allow_config_change))
     result = trainer.run(info, make_task)
     if result["status"] == "stopped":
         return EXIT_STOPPED
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
     p.add_argument("--resume-if-any", action="store_true",
                    help="like --resume, but start from step 0 when there is no complete checkpoint yet")
+    p.add_argument("--allow-config-change", action="append", default=[], metavar="KEY",
+                   help="with --resume: let this setting (or section) differ from the checkpoint's although it "
+                        "changes the model, data or numerics (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--env-file", help="KEY=VALUE file to load (default: ./.env if present)")
     p.add_argument("--run-mode", choices=["train", "eval", "train_eval"],
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     overrides = args.overrides + ([f"run_mode={args.run_mode}"] if args.run_mode else [])
     return run_cli(lambda: train(args.recipe, args.config, overrides, args.resume, args.print_config,
-                                 args.env_file, args.resume_if_any))
+                                 args.env_file, args.resume_if_any, tuple(args.allow_config_change)))
 
 
 def _disk_full(e: BaseException) -> bool:

@@ -126,6 +126,9 @@ class RunInfo:
     resume: bool
     start_if_no_checkpoint: bool = False
     """With `resume`: no complete checkpoint yet is not an error; the run starts from step 0."""
+    allow_config_change: tuple[str, ...] = ()
+    """With `resume`: settings (keys or sections) that may differ from the checkpoint's although
+    they change what is computed (config.RESUME_MAY_CHANGE lists those that always may)."""
 
 
 def resolve_run_dir(recipe: str, output_dir: str | None, resume: bool) -> Path:
@@ -205,17 +208,30 @@ class NoCheckpoint(ConfigError):
     """--resume found no complete checkpoint."""
 
 
-def _open_for_resume(directory: str, cfg: LoopConfig) -> tuple[Checkpointer, int]:
+def _open_for_resume(directory: str, cfg: LoopConfig, settings: dict) -> tuple[Checkpointer, int]:
     """The checkpointer of the run to continue and its latest step; refused in one line (and
     without creating anything) when there is none."""
     if "://" not in directory and not Path(directory).is_dir():
         raise NoCheckpoint(f"--resume: no checkpoint directory {directory}")
-    checkpointer = Checkpointer(directory, cfg.checkpoint_every, cfg.keep_checkpoints)
+    checkpointer = Checkpointer(directory, cfg.checkpoint_every, cfg.keep_checkpoints, config=settings)
     step = checkpointer.latest_step()
     if step is None:
         checkpointer.close()
         raise NoCheckpoint(f"--resume: no checkpoint in {directory}")
     return checkpointer, step
+
+
+def _check_resume_settings(checkpointer: Checkpointer, step: int, settings: dict, allowed: tuple[str, ...]) -> None:
+    """Refuse, before anything is built, a resume whose settings would make the run's checkpoints,
+    metrics and config_resolved.yaml describe a run that did not happen."""
+    recorded = checkpointer.recorded_config(step)
+    if recorded is None:  # saved before checkpoints recorded their config: nothing to compare
+        return
+    changes = config_lib.resume_changes(recorded, settings, allowed)
+    if changes:
+        raise ConfigError(f"--resume: checkpoint {step} was trained with other settings: {'; '.join(changes[:4])}"
+                          f"{f' (and {len(changes) - 4} more)' if len(changes) > 4 else ''}; they change the model, "
+                          "the data or the numerics: pass --allow-config-change KEY for each change meant")
 
 
 BEST_DIR = "best"
@@ -309,18 +325,25 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
         "started_at": _iso(started),
     }
     directory = cfg.train.checkpoint_dir or str(run_dir / contracts.CHECKPOINTS_DIR)
+    settings = config_lib.to_dict(cfg)
+    config_lib.check_keys(settings, info.allow_config_change, "--allow-config-change")
     checkpointer, resume_step, fresh_start = None, None, False
     if info.resume:
         try:
-            checkpointer, resume_step = _open_for_resume(directory, cfg.train)
+            checkpointer, resume_step = _open_for_resume(directory, cfg.train, settings)
         except NoCheckpoint:
             if not info.start_if_no_checkpoint:
                 raise
             fresh_start = True  # preempted before its first checkpoint: from step 0, in the same run dir
     try:
+        if checkpointer is not None:
+            _check_resume_settings(checkpointer, resume_step, settings, info.allow_config_change)
         task = make_task()
         if checkpointer is not None:
             checkpointer.check_compatible(resume_step, task.state)
+            if 0 < task.max_steps <= resume_step and not info.start_if_no_checkpoint:
+                raise ConfigError(f"--resume: the checkpoint is at step {resume_step} and the run trains "
+                                  f"{task.max_steps} steps: nothing to train; raise train.max_steps to go on")
         short = space_short(directory, task.state)
         if short:
             raise ConfigError(f"train.checkpoint_dir {short}; free some space or choose another directory")
@@ -336,7 +359,7 @@ def run(info: RunInfo, make_task: Callable[[], Task]) -> contracts.RunSummary:
             write_atomic(run_dir / contracts.SUMMARY_FILE, json.dumps(result, indent=2) + "\n")
         raise
     if checkpointer is None:
-        checkpointer = Checkpointer(directory, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+        checkpointer = Checkpointer(directory, cfg.train.checkpoint_every, cfg.train.keep_checkpoints, config=settings)
     checkpointer.every = interval_steps(cfg.train.checkpoint_every, task.max_steps)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -425,6 +448,9 @@ def _loop(task: Task, state: Any, cfg: LoopConfig, tracker: Tracker, console: Co
                 values["perf/step_time_sec"] = dt
                 values["perf/tokens_per_sec"] = tokens_mark / (now - t_mark)
                 values["perf/mfu"] = task.flops_per_token * values["perf/tokens_per_sec"] / peak
+            committed = checkpointer.committed_step()
+            if committed is not None:  # the recovery supervisor learns from it that a relaunch must resume
+                values["checkpoint/step"] = committed
             t_mark, step_mark, tokens_mark = now, step, 0
             tracker.log(step, values)
             console.print(_log_line(step, max_steps, values, _mean_step_time(step_times),

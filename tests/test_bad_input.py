@@ -22,7 +22,8 @@ from typing import Callable
 
 import pytest
 
-from conftest import MLLM, SHAKESPEARE, SMOKE, free_port, launcher_env, rl_args, sft_args, trainer_env
+from conftest import (INDUSTRIAL_INDEX, MLLM, SHAKESPEARE, SMOKE, free_port, launcher_env, rl_args, sft_args,
+                      trainer_env)
 
 Setup = Callable[[Path, pytest.FixtureRequest], None]
 BINARY = bytes(range(256)) * 8  # not UTF-8, has NUL bytes
@@ -94,6 +95,35 @@ def nothing(tmp: Path, request: pytest.FixtureRequest) -> None:
     pass
 
 
+def index_with(token: str) -> Setup:
+    """./index.json: the Industrial index with the first token of its first item replaced."""
+    import json
+
+    def setup(tmp: Path, request: pytest.FixtureRequest) -> None:
+        index = json.loads(INDUSTRIAL_INDEX.read_text())
+        first = next(iter(index))
+        index[first] = [token, *index[first][1:]]
+        (tmp / "index.json").write_text(json.dumps(index))
+        model()(tmp, request)
+    return setup
+
+
+@pytest.fixture(scope="module")
+def nano_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A completed run of `nano()`'s settings (2 steps, its final checkpoint), run once."""
+    out = tmp_path_factory.mktemp("nano-run") / "done"
+    argv = nano(f"output_dir={out}")
+    proc = subprocess.run([sys.executable, "-m", "mllm_jax", *argv], env=trainer_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def finished_run(tmp: Path, request: pytest.FixtureRequest) -> None:
+    """runs/done: a completed run with its checkpoint (copied from `nano_run`)."""
+    shutil.copytree(request.getfixturevalue("nano_run"), tmp / "runs" / "done")
+
+
 VM_CREATE = ["mllm", "vm", "create", "x", "--zone", "us-east1-d"]
 
 
@@ -141,6 +171,16 @@ ROWS: list[tuple[str, list[str], Setup]] = [
     ("set-bad-yaml", nano("train.max_steps=[1, 2"), nothing),
     ("set-newline", nano("wandb.name=a\nb"), nothing),
     ("resume-fresh-output-dir", nano("output_dir=fresh", extra=("--resume",)), nothing),
+    ("resume-completed-run", nano("output_dir=runs/done", extra=("--resume",)), finished_run),
+    ("resume-max-steps-below-checkpoint", nano("output_dir=runs/done", "train.max_steps=1", extra=("--resume",)),
+     finished_run),
+    ("resume-changes-param-dtype", nano("output_dir=runs/done", "train.max_steps=4", "jax.param_dtype=bfloat16",
+                                        extra=("--resume",)), finished_run),
+    ("resume-changes-the-model", nano("output_dir=runs/done", "train.max_steps=4", "model.n_layer=1",
+                                      extra=("--resume", "--allow-config-change", "model.dropout")), finished_run),
+    ("resume-allow-change-typo", nano("output_dir=runs/done", "train.max_steps=4", "model.dropout=0.1",
+                                      extra=("--resume", "--allow-config-change", "model.dropuot")), finished_run),
+    ("allow-change-without-resume", nano(extra=("--allow-config-change", "model.dropout")), nothing),
     ("output-dir-is-a-file", nano("output_dir=taken"), files(taken=b"x")),
     ("output-dir-unwritable", nano("output_dir=/sys/mllm-bad-input-run"), nothing),
     # --- env files ------------------------------------------------------------------------------
@@ -165,6 +205,10 @@ ROWS: list[tuple[str, list[str], Setup]] = [
     ("sft-eval-every-fraction-above-one", sft("train.eval_every=1.5"), nothing),
     ("sft-best-metric-not-eval", sft("train.best_metric=train/loss"), nothing),
     ("sft-no-category", sft("data.category=null"), nothing),
+    ("sft-sid-token-special", sft("data.sid_index_path=index.json"), index_with("<|endoftext|>")),
+    ("sft-sid-token-space", sft("data.sid_index_path=index.json"), index_with("<a 1>")),
+    ("sft-sid-token-newline", sft("data.sid_index_path=index.json"), index_with("\n")),
+    ("rl-sid-token-word", rl("data.sid_index_path=index.json"), index_with("x y")),
     ("sft-best-metric-not-produced", sft("run_mode=train_eval", "train.best_metric=eval/ndcg@7", "eval.topk=[1,5,10]"),
      nothing),
     ("nanogpt-best-metric-unknown", nano("train.load_best_model_at_end=true", "train.best_metric=eval/nope"), nothing),
@@ -226,6 +270,12 @@ ROWS: list[tuple[str, list[str], Setup]] = [
      files(**{"cfg.yaml": SMOKE.read_bytes()})),
     ("launch-bucket-not-gs", ["mllm", "launch", "nanogpt", "--local", "--config", "cfg.yaml", "--set",
                               f"data.path={SHAKESPEARE}", "--bucket", "s3://my-bucket"],
+     files(**{"cfg.yaml": SMOKE.read_bytes()})),
+    ("launch-allow-change-without-resume", ["mllm", "launch", "nanogpt", "--local", "--config", "cfg.yaml",
+                                            "--allow-config-change", "model.dropout"],
+     files(**{"cfg.yaml": SMOKE.read_bytes()})),
+    ("launch-allow-change-typo", ["mllm", "launch", "nanogpt", "--local", "--config", "cfg.yaml", "--set",
+                                  f"data.path={SHAKESPEARE}", "--resume", "latest", "--allow-config-change", "modle"],
      files(**{"cfg.yaml": SMOKE.read_bytes()})),
     ("launch-recover-local", ["mllm", "launch", "nanogpt", "--local", "--config", "cfg.yaml", "--recover"],
      files(**{"cfg.yaml": SMOKE.read_bytes()})),

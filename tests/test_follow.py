@@ -111,9 +111,8 @@ def sessions(host: SshHost) -> set[int]:
 
 
 def worker_path(host: SshHost, relative: str) -> Path:
-    """A file in the worker's repo, seen from here (through a host process's root)."""
-    listener = min(host.pids())
-    return Path(f"/proc/{listener}/root/root") / contracts.REMOTE_REPO.removeprefix("~/") / relative
+    """A file in the worker's repo, seen from here."""
+    return host.root / "root" / contracts.REMOTE_REPO.removeprefix("~/") / relative
 
 
 def run_files(host: SshHost, run_id: str) -> tuple[Path, Path]:

@@ -140,7 +140,13 @@ def test_a_shape_changed_resume_leaves_the_old_run_untouched(tmp_path):
     args = ["--config", str(SMOKE), "--set", f"data.path={SHAKESPEARE}", "--set", f"output_dir={tmp_path / 'run'}"]
     assert run_trainer(*args, "--set", "train.max_steps=20", cwd=tmp_path).returncode == 0
     before = tree(tmp_path)
-    out = run_trainer(*args, "--set", "model.n_embd=32", "--resume", cwd=tmp_path)
+    changed = [*args, "--set", "model.n_embd=32", "--set", "train.max_steps=40"]
+    out = run_trainer(*changed, "--resume", cwd=tmp_path)  # the recorded settings refuse it first
+    assert out.returncode == 2 and out.stderr.startswith(
+        "error: --resume: checkpoint 20 was trained with other settings: model.n_embd: 64 -> 32;"), out.stderr
+    assert tree(tmp_path) == before
+    # Allowed by name, the arrays still cannot fit: refused by their shapes, before anything is written.
+    out = run_trainer(*changed, "--resume", "--allow-config-change", "model", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     (line,) = out.stderr.strip().splitlines()[-1:]
     assert line.startswith("error: checkpoint 20 in ") and "differ in shape" in line

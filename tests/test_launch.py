@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shlex
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +58,15 @@ def test_launch_on_two_workers(tmp_path, hosts, repo, bucket):
         assert synced.returncode == 0, synced.stderr
         assert sorted(line.split()[1] for line in synced.stdout.splitlines()) == [head(repo)[:12]] * 2
         assert synced.stdout.count("(full, ") == 2  # the first sync ships everything
+        # A laptop-relative path out of the repository means nothing on the workers: refused here.
+        (tmp_path / "shared" / "data").mkdir(parents=True)
+        shutil.copy(bucket / "input.txt", tmp_path / "shared" / "data" / "input.txt")  # it is there on the laptop
+        outside = run("launch", "nanogpt", "--config", WEIRD_CONFIG, "--set", "data.path=../shared/data/input.txt")
+        assert outside.returncode == 2 and outside.stderr == (
+            "error: data.path '../shared/data/input.txt': a relative path outside the repository, which is not "
+            "synced to the workers (they run in their copy of it); give the path on the workers as an absolute "
+            "one, or put the file under the repository\n"), outside.stderr
+        assert "runs" not in run("exec", "--", "ls", "mllm-jax").stdout  # nothing started there
         api.fail_next(503, "The service is currently unavailable.", method="GET", times=3)  # a bad minute
         two = run("launch", "nanogpt", "--config", WEIRD_CONFIG, "--set", "train.max_steps=20",
                   "--set", f"train.checkpoint_dir={bucket}/ckpt", "--follow")

@@ -5,12 +5,17 @@ and pushes secrets over SSH, verifying host keys against the VM's guest attribut
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, launcher_env, mllm
+from conftest import MLLM, REPO, launcher_env, mllm
 from harness.tpu_api import FakeTpuApi
 from harness.tpu_slice import ZONE, Slice
 
@@ -155,3 +160,47 @@ def test_bootstrap_needs_a_repo_and_a_working_python(tmp_path, hosts):
         assert record.stdout.strip() == f"[w0] {sys.executable}"
         bad = run("bootstrap", "--python", "/no/such/python")
         assert bad.returncode == 2 and bad.stderr.startswith("error: worker 0: --python /no/such/python does not run")
+
+
+def sleeping(seconds: int) -> list[int]:
+    """Processes (on any harness worker) running exactly `sleep SECONDS`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if proc.joinpath("cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", str(seconds).encode()]:
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_ctrl_c_ends_the_command_on_every_worker(tmp_path, hosts):
+    """Ctrl-C while a remote command runs (a bootstrap whose interpreter hangs, a user's `exec`):
+    one line, exit 130 at once, and the command ends on every worker (no orphan keeps running)."""
+    shared = Path(tempfile.mkdtemp(prefix="mllm-slow-", dir="/srv"))  # every worker sees /srv
+    try:
+        slow = shared / "python"
+        slow.write_text("#!/bin/sh\nexec sleep 3127\n")
+        slow.chmod(0o755)
+        with Slice(hosts).api as api:
+            env = launcher_env(tmp_path, api.endpoint)
+            assert mllm("vm", "create", "pair", "--zone", ZONE, "--type", "v4-16", cwd=tmp_path, env=env).returncode == 0
+            for argv, seconds in ((["bootstrap", "--python", str(slow)], 3127), (["exec", "--", "sleep", "3128"], 3128)):
+                proc = subprocess.Popen([MLLM, *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+                deadline = time.time() + 60
+                while len(sleeping(seconds)) < 2 and time.time() < deadline:
+                    time.sleep(0.2)
+                assert len(sleeping(seconds)) == 2, argv  # running on both workers
+                t0 = time.time()
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+                assert time.time() - t0 < 10, argv
+                assert proc.returncode == 130 and err.splitlines() == [
+                    "interrupted: stopped here and on the workers (a job already launched goes on: `mllm status`)"], err
+                deadline = time.time() + 10
+                while sleeping(seconds) and time.time() < deadline:
+                    time.sleep(0.2)
+                assert not sleeping(seconds), f"{argv}: still running on a worker"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,3 +288,35 @@ def test_a_stopped_watched_run_keeps_its_vm_and_checkpoint(tmp_path, hosts, repo
         assert "keeping solo: the run was stopped and can go on from its checkpoint" in log, log
         assert f"{run_id} stopped after 0 recoveries" in log, log
         assert api.node("solo")["state"] == "READY" and checkpoints(bucket)
+
+
+def test_a_relaunch_that_finds_no_checkpoint_fails_the_run_instead_of_starting_over(tmp_path, hosts, repo, bucket):
+    """The supervisor saw the job report a complete checkpoint; the VM is preempted and the
+    checkpoints are lost with it (here: deleted from the shared storage). The relaunch must
+    resume (`--resume`, not "resume if any"): it finds nothing, and the run ends failed rather
+    than training from step 0 and calling that a recovery."""
+    tpu = Slice(hosts)
+    with tpu.api as api:
+        env = launcher_env(tmp_path, api.endpoint)
+        run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
+        assert run("vm", "create", "solo", "--zone", ZONE, "--type", "v6e-8").returncode == 0
+        assert run("bootstrap", "--python", sys.executable).returncode == 0
+        launched = run("launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket),
+                       "--set", "train.max_steps=100000", "--set", f"train.checkpoint_dir={bucket / 'ckpt'}")
+        assert launched.returncode == 0, launched.stdout + launched.stderr
+        run_id = launched.stdout.split("run ")[-1].split(":")[0]
+        pid = supervisor_pid(run("watch", run_id, "--detach", *FAST))
+        plan = repo / ".mllm" / "watch" / f"{run_id}.json"
+        seen = wait_for("the supervisor to see a checkpoint", lambda: json.loads(plan.read_text())["checkpoint"])
+        assert seen in checkpoints(bucket)
+        tpu.preempt("solo")
+        shutil.rmtree(bucket / "ckpt")
+        wait_for("the supervisor to finish", lambda: not alive(pid), 300)
+        log = (repo / ".mllm" / "watch" / f"{run_id}.log").read_text()
+        assert "the VM is PREEMPTED: recovery 1/3" in log and f"resumed {run_id}" not in log, log
+        assert f"recovery 1 failed: checkpoint step {seen} was reported, but" in log and "has no complete checkpoint in" in log, log
+        assert f"{run_id} failed after 1 recoveries" in log and "completed" not in log, log
+        assert not checkpoints(bucket)  # nothing trained from step 0 into the run's checkpoint dir
+        (entry,) = json.loads(run("runs", "--json").stdout)
+        assert entry["status"] == "failed" and entry["recoveries"] == 1
+        assert not api.nodes  # the failed run's VM, made by mllm, is deleted

@@ -522,3 +522,19 @@ def test_tokenize_prompts_left_truncates_without_special_tokens(tokenizer):
     for f, c in zip(full, cut):
         assert len(f) > 40 and len(c) == 40 and (c == f[-40:]).all()
     assert sid.tokenize_prompts([], tokenizer, 8) == []
+
+
+def test_shared_sids_are_noted_and_special_tokens_refused():
+    """The real Industrial index has SIDs that two items share (RQ-VAE codes collide): accepted, as
+    upstream, with a note that names them. A SID token that is one of the tokenizer's special
+    tokens (whatever its form) is refused: adding it would not make a new ordinary token."""
+    note = sid.collisions(sid.load_index(str(INDEX)))
+    assert note is not None and note.startswith("note: data.sid_index_path: 15 of 3670 SIDs are shared by several")
+    assert sid.collisions({"1": ["<a_1>", "<b_1>"], "2": ["<a_1>", "<b_2>"]}) is None
+    from mllm_jax.models import hf
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens([AddedToken("<sep>", special=True)])
+    with pytest.raises(ConfigError, match=r"SID token '<sep>' is a special token of the model's tokenizer"):
+        hf.add_tokens(tokenizer, ["<a_1>", "<sep>"])
+    assert hf.add_tokens(tokenizer, ["<a_1>", "<b_2>", "<a_1>"]) == 2

@@ -233,3 +233,27 @@ def test_sync_all_reports_every_failing_worker(repo, conns, workers):
     assert "worker 0 (" in message and "worker 1 (" in message and "\n" not in message
     with pytest.raises(LauncherError, match="not a full commit id"):
         sync_all(conns, workers, repo, "HEAD")
+
+
+def test_a_full_disk_is_named_and_nothing_is_left_behind(repo, conns, workers):
+    """Worker 1's repo dir on a small filesystem: too small for the commit's bundle, it is refused
+    before anything is sent; big enough for the bundle but not the checkout, git's ENOSPC is
+    reported as such. Either way the temporary bundle is gone and worker 0 is synced."""
+    sha = resolve_commit(repo)
+    full = "~/small/mllm-jax"
+    remote(conns, workers[1], "mkdir -p ~/small && mount -t tmpfs -o size=256k tmpfs ~/small")
+    try:
+        for size in ("256k", "640k"):
+            remote(conns, workers[1], f"mount -o remount,size={size} ~/small && rm -rf ~/small/mllm-jax")
+            with pytest.raises(LauncherError) as info:
+                sync_all(conns, workers, repo, sha, remote_dir=full)
+            message = str(info.value)
+            assert message.startswith("no space left on worker 1 (") and "\n" not in message, message
+            if size == "256k":
+                assert "KiB free, and syncing" in message, message
+            else:
+                assert "checking out" in message and "Out of diskspace" in message, message
+            assert remote(conns, workers[1], f"ls -a {full}/.git | grep -c mllm-sync || true") == "0"
+            assert remote(conns, workers[0], f"git -C {full} rev-parse HEAD") == sha
+    finally:
+        remote(conns, workers[1], "umount ~/small")

@@ -48,6 +48,10 @@ def test_smoke_run_writes_summary_metrics_and_checkpoints(tmp_path, shakespeare)
     assert [e["step"] for e in train_events] == [10, 20, 30, 40]
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "perf/step_time_sec",
             "perf/mfu"} <= train_events[-1].keys()
+    # The latest complete checkpoint at each log line (the recovery supervisor reads it): none
+    # before step 20's save, then step 20's once its asynchronous save has completed.
+    assert [e.get("checkpoint/step") for e in train_events][:2] == [None, None]
+    assert {e.get("checkpoint/step") for e in train_events[2:]} <= {None, 20}
     assert (run_dir / "config_resolved.yaml").read_text().count("max_steps: 40") == 1
     # The console: one line per log step, and the eval results.
     assert "step 40/40 | loss" in out.stdout and "eval step 40: eval/loss" in out.stdout
@@ -83,6 +87,30 @@ def test_stop_then_resume_matches_uninterrupted_run(tmp_path, shakespeare):
     assert losses(part_dir, "eval/loss") == losses(tmp_path / "full", "eval/loss")
     summary = json.loads((part_dir / "run_summary.json").read_text())
     assert summary["status"] == "completed" and [e["step"] for e in summary["eval_losses"]] == [10, 20, 30]
+
+
+def test_resume_compares_the_checkpoints_settings(tmp_path, shakespeare):
+    """A resume trains on only where the checkpoint's recorded settings allow it: a completed run
+    needs more steps, a change of the model or numerics must be named (--allow-config-change),
+    and then config_resolved.yaml describes the run that goes on."""
+    args = ["--config", str(SMOKE), "--set", f"data.path={shakespeare}", "--set", "output_dir=run",
+            "--set", "train.max_steps=20", "--set", "sample.max_new_tokens=0"]
+    assert run_trainer(*args, cwd=tmp_path).returncode == 0
+    done = run_trainer(*args, "--resume", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr == ("error: --resume: the checkpoint is at step 20 and the run trains "
+                                                    "20 steps: nothing to train; raise train.max_steps to go on\n")
+    more = [*args, "--set", "train.max_steps=30", "--set", "model.dropout=0.1", "--set", "train.log_every=5"]
+    changed = run_trainer(*more, "--resume", cwd=tmp_path)
+    assert changed.returncode == 2 and changed.stderr == (
+        "error: --resume: checkpoint 20 was trained with other settings: model.dropout: 0.0 -> 0.1; they change the "
+        "model, the data or the numerics: pass --allow-config-change KEY for each change meant\n")
+    assert "dropout: 0.0" in (tmp_path / "run" / "config_resolved.yaml").read_text()  # untouched
+    allowed = run_trainer(*more, "--resume", "--allow-config-change", "model.dropout", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "resumed from step 20" in allowed.stdout and "step 30/30" in allowed.stdout
+    resolved = (tmp_path / "run" / "config_resolved.yaml").read_text()
+    assert "dropout: 0.1" in resolved and "max_steps: 30" in resolved
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["final_step"] == 30
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, shakespeare):

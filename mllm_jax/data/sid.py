@@ -32,6 +32,7 @@ import ast
 import csv
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterator, Literal
@@ -255,7 +256,31 @@ def load_index(path: str) -> dict[str, list[str]]:
             raise ConfigError(
                 f"data.sid_index_path: {path}: item {item_id!r}: expected a non-empty list of SID tokens, "
                 f"got {_short(tokens)}")
+        bad = next((t for t in tokens if not _SID_TOKEN.fullmatch(t)), None)
+        if bad is not None:
+            raise ConfigError(f"data.sid_index_path: {path}: item {item_id!r}: SID token {_short(bad)} is not a "
+                              "single word in angle brackets like <a_12> (no spaces, control characters or '|')")
     return raw
+
+
+_SID_TOKEN = re.compile(r"<[^\s<>|]+>")
+"""A SID token: one added word such as <a_12>. Whitespace or a control character would be split
+or mangled by the prompt's formatting; <|...|> is the form of the tokenizer's special tokens."""
+
+
+def collisions(index: dict[str, list[str]]) -> str | None:
+    """A note on SIDs that two or more items share (None: every SID names one item). MiniOneRec's
+    indexes have a few (RQ-VAE codes collide); a hit on such a SID counts for each of its items,
+    as upstream, so they are shown, not refused."""
+    items: dict[str, list[str]] = {}
+    for item_id, tokens in index.items():
+        items.setdefault("".join(tokens), []).append(item_id)
+    shared = {s: ids for s, ids in items.items() if len(ids) > 1}
+    if not shared:
+        return None
+    sid_, ids = next(iter(shared.items()))
+    return (f"note: data.sid_index_path: {len(shared)} of {len(items)} SIDs are shared by several items "
+            f"(e.g. {sid_}: items {', '.join(ids[:3])}); the evaluation, like MiniOneRec's, cannot tell them apart")
 
 
 def sid_tokens(index: dict[str, list[str]]) -> list[str]:

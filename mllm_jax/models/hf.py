@@ -158,6 +158,11 @@ def add_tokens(tokenizer: Tokenizer, tokens: list[str]) -> int:
     """Add `tokens` as ordinary (non-special) whole tokens, as HF tokenizer.add_tokens does;
     ones already in the vocabulary are skipped. Returns how many were new."""
     vocab = tokenizer.get_vocab(with_added_tokens=True)
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    taken = next((t for t in tokens if t in special), None)
+    if taken is not None:
+        raise ConfigError(f"data.sid_index_path: SID token {taken!r} is a special token of the model's tokenizer; "
+                          "SID tokens must be new ordinary tokens")
     new = [t for t in dict.fromkeys(tokens) if t not in vocab]
     return tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in new])
 

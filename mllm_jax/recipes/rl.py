@@ -438,6 +438,8 @@ def prepare(cfg: Config, mesh: jax.sharding.Mesh) -> Prepared:
     """Read and check the model files and the data; raises ConfigError on bad input."""
     _check_batch(cfg, mesh)
     index = sid.load_index(cfg.data.sid_index_path)
+    if (note := sid.collisions(index)) and jax.process_index() == 0:
+        print(note, flush=True)
     opened = hf.open_with_tokens(cfg.base_model, sid.sid_tokens(index), mesh)
     prompts = sid_rl.build_rl_prompts(cfg.data, cfg.tasks, cfg.seed)
     if not prompts:

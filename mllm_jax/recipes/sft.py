@@ -355,6 +355,8 @@ def prepare(cfg: Config, mesh: jax.sharding.Mesh) -> Prepared:
         raise ConfigError(f"train.attention: {cfg.train.attention} needs a {backend.upper()} backend, this run's is "
                           f"{jax.default_backend()}; use xla here")
     index = sid.load_index(cfg.data.sid_index_path)
+    if (note := sid.collisions(index)) and jax.process_index() == 0:
+        print(note, flush=True)
     opened = hf.open_with_tokens(cfg.base_model, sid.sid_tokens(index), mesh)
     tokenizer, eos_id = opened.tokenizer, opened.eos_id
     train = None

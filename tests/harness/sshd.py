@@ -372,6 +372,12 @@ class SshHost:
         self._wait_ready()
         return self
 
+    @property
+    def root(self) -> Path:
+        """This host's file system seen from the test machine (through its `unshare` process,
+        which lives as long as the host: any other process, even the lowest PID, may be gone)."""
+        return Path(f"/proc/{self._proc.pid}/root")
+
     def pids(self) -> list[int]:
         """Test-machine PIDs of every process inside this host (sshd, sessions, detached jobs)."""
         if self._mnt_ns is None:
