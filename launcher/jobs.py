@@ -268,10 +268,12 @@ exit 0""")
 
 
 def _count(value: Any) -> int | None:
-    """A step number from a worker's metrics line, or None for anything else (e.g. "x", true, -1)."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A step number from a worker's metrics line, or None for anything else (e.g. "x", true, -1):
+    a status shows what it can rather than fail on one bad line."""
+    try:
+        return readback.integer(value, "step", minimum=0)
+    except LauncherError:
+        return None
 
 
 def follow(t: Target, run_id: str, on_line: Callable[[str], None], from_line: int = 1,

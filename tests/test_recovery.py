@@ -267,20 +267,26 @@ def test_launch_recover_gives_up_on_silent_workers_and_stockouts_leaving_nothing
         assert entry["status"] == "gave up" and entry["recoveries"] == 1
 
 
+def watched_long_run(api, tmp_path, repo, bucket):
+    """A VM "solo" that mllm made, a long nanoGPT run on it with its checkpoints on the shared
+    dir, and that run's supervisor in the background: (the `mllm` caller, run id, supervisor pid)."""
+    env = launcher_env(tmp_path, api.endpoint)
+    run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
+    assert run("vm", "create", "solo", "--zone", ZONE, "--type", "v6e-8").returncode == 0
+    assert run("bootstrap", "--python", sys.executable).returncode == 0
+    launched = run("launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket),
+                   "--set", "train.max_steps=100000", "--set", f"train.checkpoint_dir={bucket / 'ckpt'}")
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    run_id = launched.stdout.split("run ")[-1].split(":")[0]
+    return run, run_id, supervisor_pid(run("watch", run_id, "--detach", *FAST))
+
+
 def test_a_stopped_watched_run_keeps_its_vm_and_checkpoint(tmp_path, hosts, repo, bucket):
     """`mllm stop` of a watched run (exit 143: it checkpointed and can go on): the supervisor
     ends "stopped" and keeps the VM, although mllm made it, with the checkpoint on it."""
     tpu = Slice(hosts)
     with tpu.api as api:
-        env = launcher_env(tmp_path, api.endpoint)
-        run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
-        assert run("vm", "create", "solo", "--zone", ZONE, "--type", "v6e-8").returncode == 0
-        assert run("bootstrap", "--python", sys.executable).returncode == 0
-        launched = run("launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket),
-                       "--set", "train.max_steps=100000", "--set", f"train.checkpoint_dir={bucket / 'ckpt'}")
-        assert launched.returncode == 0, launched.stdout + launched.stderr
-        run_id = launched.stdout.split("run ")[-1].split(":")[0]
-        pid = supervisor_pid(run("watch", run_id, "--detach", *FAST))
+        run, run_id, pid = watched_long_run(api, tmp_path, repo, bucket)
         wait_for("a checkpoint", lambda: checkpoints(bucket))
         assert run("stop").returncode == 0
         wait_for("the supervisor to finish", lambda: not alive(pid), 120)
@@ -297,15 +303,7 @@ def test_a_relaunch_that_finds_no_checkpoint_fails_the_run_instead_of_starting_o
     than training from step 0 and calling that a recovery."""
     tpu = Slice(hosts)
     with tpu.api as api:
-        env = launcher_env(tmp_path, api.endpoint)
-        run = lambda *a: mllm(*a, cwd=repo, env=env, timeout=300)  # noqa: E731
-        assert run("vm", "create", "solo", "--zone", ZONE, "--type", "v6e-8").returncode == 0
-        assert run("bootstrap", "--python", sys.executable).returncode == 0
-        launched = run("launch", "nanogpt", "--config", str(SMOKE.relative_to(REPO)), *sets(bucket),
-                       "--set", "train.max_steps=100000", "--set", f"train.checkpoint_dir={bucket / 'ckpt'}")
-        assert launched.returncode == 0, launched.stdout + launched.stderr
-        run_id = launched.stdout.split("run ")[-1].split(":")[0]
-        pid = supervisor_pid(run("watch", run_id, "--detach", *FAST))
+        run, run_id, pid = watched_long_run(api, tmp_path, repo, bucket)
         plan = repo / ".mllm" / "watch" / f"{run_id}.json"
         seen = wait_for("the supervisor to see a checkpoint", lambda: json.loads(plan.read_text())["checkpoint"])
         assert seen in checkpoints(bucket)
